@@ -1,0 +1,213 @@
+"""Configuration: defaults, then a YAML file, then STREAMLSTM_* environment variables, then --set.
+
+Every key is declared once, in the dataclasses below, with its type and default. A key that is not
+declared, or a value of the wrong type, is an error naming the key and where the value came from.
+"""
+
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "STREAMLSTM_"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key or file and what to do."""
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    input_topic: str = "events"
+    output_topic: str = "predictions"
+    dlq_topic: str = "events-dlq"
+    group_id: str = "streamlstm"
+    client_id: str = "streamlstm"
+    create_topics: bool = True
+    topic_partitions: int = 4
+    auto_offset_reset: str = "earliest"
+    session_timeout_ms: int = 45000
+    heartbeat_interval_ms: int = 3000
+    max_poll_records: int = 2000
+    poll_timeout_ms: int = 100
+    commit_interval_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "model"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    liveness_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str = "regression"
+    targets: list = field(default_factory=list)
+    hidden_size: int = 32
+    num_layers: int = 2
+    epochs: int = 60
+    learning_rate: float = 0.01
+    batch_keys: int = 64
+    holdout_events: int = 8
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+_CHOICES = {
+    ("kafka", "auto_offset_reset"): ("earliest", "latest"),
+    ("model", "device"): ("auto", "cpu", "cuda"),
+    ("train", "task"): ("regression", "classification"),
+    ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _key_types(section_cls: type) -> dict[str, type]:
+    return {f.name: f.type for f in dataclasses.fields(section_cls)}
+
+
+def _coerce(name: str, kind: type, value: Any, origin: str) -> Any:
+    """Check a value from YAML (already typed) against the key's type; ints widen to floats."""
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, list),
+    }[kind]
+    if not ok:
+        raise ConfigError(f"config: {name}: expected {kind.__name__}, got {value!r} (from {origin})")
+    return float(value) if kind is float else value
+
+
+def _parse_text(kind: type, text: str) -> Any:
+    """Turn an environment or --set string into a typed value (a str key takes the text as it is)."""
+    if kind is str:
+        return text
+    if kind is bool and text.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+        return text.lower() in ("true", "yes", "1", "on")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _validate(name: str, value: Any) -> None:
+    section, key = name.split(".")
+    choices = _CHOICES.get((section, key))
+    if choices and value not in choices:
+        raise ConfigError(f"config: {name}: {value!r} is not one of {', '.join(choices)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if name == "http.port" and not 0 <= value <= 65535:
+            raise ConfigError(f"config: {name}: {value} is not a TCP port (0-65535)")
+        if value < 0 or (value == 0 and name not in ("http.port", "train.seed", "train.grad_clip")):
+            raise ConfigError(f"config: {name}: must be positive, got {value}")
+
+
+class _Builder:
+    """Accumulates overrides per section, checking each key on the way in."""
+
+    def __init__(self) -> None:
+        self.sections = _sections()
+        self.values: dict[str, dict[str, Any]] = {name: {} for name in self.sections}
+
+    def _kind(self, name: str, origin: str) -> type:
+        section, _, key = name.partition(".")
+        if section not in self.sections or not key:
+            raise ConfigError(
+                f"config: unknown key {name!r} (from {origin}); sections are: {', '.join(self.sections)}"
+            )
+        kinds = _key_types(self.sections[section])
+        if key not in kinds:
+            raise ConfigError(
+                f"config: unknown key {name!r} (from {origin}); keys of {section!r} are: {', '.join(kinds)}"
+            )
+        return kinds[key]
+
+    def set_typed(self, name: str, value: Any, origin: str) -> None:
+        kind = self._kind(name, origin)
+        section, key = name.split(".")
+        self.values[section][key] = _coerce(name, kind, value, origin)
+
+    def set_text(self, name: str, text: str, origin: str) -> None:
+        self.set_typed(name, _parse_text(self._kind(name, origin), text), origin)
+
+    def build(self) -> Config:
+        parts = {s: cls(**self.values[s]) for s, cls in self.sections.items()}
+        for section, part in parts.items():
+            for key, value in dataclasses.asdict(part).items():
+                _validate(f"{section}.{key}", value)
+        return Config(**parts)
+
+
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config: file {path} does not exist; pass an existing file to --config") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the configuration from its four layers, each overriding the one before."""
+    builder = _Builder()
+    if path is not None:
+        for section, keys in _read_yaml(Path(path)).items():
+            if not isinstance(keys, dict):
+                raise ConfigError(f"config: {section}: expected a mapping of keys (in {path})")
+            for key, value in keys.items():
+                builder.set_typed(f"{section}.{key}", value, str(path))
+    env = os.environ if environ is None else environ
+    for var, text in sorted(env.items()):
+        if var.startswith(ENV_PREFIX) and "__" in var:
+            section, key = var[len(ENV_PREFIX) :].lower().split("__", 1)
+            builder.set_text(f"{section}.{key}", text, f"environment variable {var}")
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"config: --set {item!r}: expected section.key=value")
+        builder.set_text(name.strip(), text, f"--set {item}")
+    return builder.build()
+
+
+def as_dict(config: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,138 @@
+"""The wire format: event bytes in, prediction bytes out.
+
+Decoding never raises: a malformed event becomes a Rejection with a stable reason code, before it can
+touch any state. Knows nothing of Kafka clients or of torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+EVENT_FIELDS = frozenset({"features", "ts"})
+
+
+@dataclass(slots=True)
+class Event:
+    key: str
+    features: list[float]
+    ts: int | None
+
+
+class Rejection(NamedTuple):
+    reason: str
+    detail: str
+
+
+REASONS = (
+    "bad_key", "not_utf8", "not_json", "not_object", "unknown_field", "missing_features",
+    "wrong_feature_count", "unknown_feature", "missing_feature", "non_numeric_feature",
+    "non_finite_feature", "bad_ts",
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class EventDecoder:
+    """Checks events against the model's feature names; features come out in the model's order."""
+
+    def __init__(self, feature_names: Sequence[str]) -> None:
+        self.names = tuple(feature_names)
+        self._index = {name: i for i, name in enumerate(self.names)}
+
+    def decode(self, key: bytes | None, value: bytes | None) -> Event | Rejection:
+        if not key:
+            return Rejection("bad_key", "the message key (the state key) is missing or empty")
+        try:
+            key_text = key.decode("utf-8")
+            text = (value or b"").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Rejection("not_utf8", f"key or value is not UTF-8: {exc}")
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            return Rejection("not_json", f"value is not JSON: {exc}")
+        return self.decode_object(key_text, obj)
+
+    def decode_object(self, key: str, obj: Any, extra_fields: frozenset[str] = frozenset()) -> Event | Rejection:
+        if not isinstance(obj, dict):
+            return Rejection("not_object", f"value is JSON {type(obj).__name__}, expected an object")
+        unknown = obj.keys() - EVENT_FIELDS - extra_fields
+        if unknown:
+            return Rejection("unknown_field", f"unknown fields {sorted(unknown)}; allowed: {sorted(EVENT_FIELDS)}")
+        if "features" not in obj:
+            return Rejection("missing_features", "the event has no 'features'")
+        features = self._features(obj["features"])
+        if isinstance(features, Rejection):
+            return features
+        ts = obj.get("ts")
+        if ts is not None and not (_is_number(ts) and math.isfinite(ts)):
+            return Rejection("bad_ts", f"'ts' must be a number of epoch milliseconds, got {ts!r}")
+        return Event(key, features, None if ts is None else int(ts))
+
+    def _features(self, raw: Any) -> list[float] | Rejection:
+        if isinstance(raw, dict):
+            unknown = raw.keys() - self._index.keys()
+            if unknown:
+                return Rejection("unknown_feature", f"unknown features {sorted(unknown)}; expected {list(self.names)}")
+            missing = [name for name in self.names if name not in raw]
+            if missing:
+                return Rejection("missing_feature", f"missing features {missing}")
+            values = [raw[name] for name in self.names]
+        elif isinstance(raw, list):
+            if len(raw) != len(self.names):
+                return Rejection("wrong_feature_count", f"{len(raw)} features, the model takes {len(self.names)}")
+            values = raw
+        else:
+            return Rejection("missing_features", f"'features' must be a list or an object, got {type(raw).__name__}")
+        for name, v in zip(self.names, values):
+            if not _is_number(v):
+                return Rejection("non_numeric_feature", f"feature {name!r} is {v!r}, not a number")
+            if not math.isfinite(v):
+                return Rejection("non_finite_feature", f"feature {name!r} is {v!r}")
+        return [float(v) for v in values]
+
+
+def encode_prediction(
+    event: Event, prediction: list[float], step: int, model_version: str,
+    source: tuple[str, int, int] | None, event_ts: int | None,
+) -> bytes:
+    topic, partition, offset = source if source else (None, None, None)
+    return json.dumps({
+        "key": event.key,
+        "prediction": prediction,
+        "step": step,
+        "model_version": model_version,
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "event_ts": event_ts,
+    }, separators=(",", ":")).encode()
+
+
+def read_event_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Lines of a JSONL event file as (line number, parsed object or the JSON error)."""
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except ValueError as exc:
+                    yield number, Rejection("not_json", f"line {number}: {exc}")
+
+
+def decode_line(decoder: EventDecoder, obj: Any, extra_fields: frozenset[str] = frozenset()) -> Event | Rejection:
+    """An event-file record: the wire format plus its 'key'."""
+    if isinstance(obj, Rejection):
+        return obj
+    if not isinstance(obj, dict):
+        return Rejection("not_object", f"line is JSON {type(obj).__name__}, expected an object")
+    body = dict(obj)
+    key = body.pop("key", None)
+    if not isinstance(key, str) or not key:
+        return Rejection("bad_key", "the record's 'key' is missing, empty or not a string")
+    return decoder.decode_object(key, body, extra_fields)

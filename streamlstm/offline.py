@@ -1,0 +1,39 @@
+"""Offline scoring: each key's whole event sequence through nn.LSTM from zero state.
+
+This is the reference the daemon must equal: it shares no step code with the streaming path, only the
+weights, so agreement between the two is evidence, not tautology.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .artifact import Artifact
+from .events import Event
+
+
+@torch.inference_mode()
+def score_events(artifact: Artifact, events: Sequence[Event], keys_per_batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Prediction and step (1-based position within its key) for every event, in input order."""
+    model = artifact.model
+    by_key: dict[str, list[int]] = {}
+    for i, event in enumerate(events):
+        by_key.setdefault(event.key, []).append(i)
+    groups = sorted(by_key.values(), key=len)
+    predictions = np.zeros((len(events), model.spec.output_size), dtype=np.float32)
+    steps = np.zeros(len(events), dtype=np.int64)
+    device = next(model.parameters()).device
+    for start in range(0, len(groups), keys_per_batch):
+        batch = groups[start : start + keys_per_batch]
+        longest = len(batch[-1])
+        x = torch.zeros(len(batch), longest, model.spec.input_size)
+        for b, positions in enumerate(batch):
+            x[b, : len(positions)] = torch.tensor([events[i].features for i in positions])
+        out = model.predictions(model(x.to(device))).cpu().numpy()
+        for b, positions in enumerate(batch):
+            predictions[positions] = out[b, : len(positions)]
+            steps[positions] = np.arange(1, len(positions) + 1)
+    return predictions, steps

@@ -1,0 +1,75 @@
+"""Streaming prediction: a poll's events become batched LSTM steps over the per-key state table.
+
+All keys present advance together in one step; a key present k times advances k times, in order, in k
+successive steps, so no key is ever twice in one step. Knows nothing of Kafka.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .artifact import Artifact
+from .cell import layer_weights, lstm_step
+from .state import StateTable
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA without one is a configuration error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device: cuda was requested but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def step_rounds(keys: Sequence[str]) -> list[np.ndarray]:
+    """Positions of the events in each successive step: round r holds each key's r-th event."""
+    seen: dict[str, int] = {}
+    rounds = np.empty(len(keys), dtype=np.int64)
+    for i, key in enumerate(keys):
+        n = seen.get(key, 0)
+        rounds[i] = n
+        seen[key] = n + 1
+    if len(keys) == len(seen):
+        return [np.arange(len(keys))]
+    order = np.argsort(rounds, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(rounds))[:-1])
+
+
+class StreamingPredictor:
+    def __init__(self, artifact: Artifact, device: torch.device) -> None:
+        self.model = artifact.model.to(device)
+        self.version = artifact.version
+        self.device = device
+        self.layers = layer_weights(self.model.lstm)
+        spec = artifact.spec
+        self.table = StateTable(spec.num_layers, spec.hidden_size, device)
+        self.step_stats: list[tuple[int, float]] = []
+
+    @torch.inference_mode()
+    def advance(self, keys: Sequence[str], features: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+        """Apply one event per position; returns predictions [n, outputs] and each key's new step count.
+
+        `step_stats` then holds (batch size, seconds) for every step taken, for the caller's metrics.
+        """
+        self.step_stats = []
+        rows = self.table.rows(list(keys))
+        x = self.model.normalise(torch.tensor(features, dtype=torch.float32).to(self.device))
+        top = torch.empty(len(keys), self.model.spec.hidden_size, device=self.device)
+        steps = torch.empty(len(keys), dtype=torch.int64)
+        for positions in step_rounds(keys):
+            started = time.perf_counter()
+            pos = torch.from_numpy(positions)
+            pos_dev = pos.to(self.device, non_blocking=True)
+            step_rows = rows[pos]
+            h, c = self.table.gather(step_rows)
+            h, c = lstm_step(x.index_select(0, pos_dev), h, c, self.layers)
+            steps[pos] = self.table.scatter(step_rows, h, c)
+            top.index_copy_(0, pos_dev, h[-1])
+            self.step_stats.append((len(positions), time.perf_counter() - started))
+        predictions = self.model.predictions(self.model.head(top))
+        return predictions.cpu().numpy(), steps.numpy()
