@@ -99,19 +99,24 @@ class EventDecoder:
         return [float(v) for v in values]
 
 
-def encode_prediction(
+def prediction_record(
     event: Event, prediction: list[float], step: int, model_version: str,
     source: tuple[str, int, int] | None, event_ts: int | None,
-) -> bytes:
+) -> dict[str, Any]:
+    """What is published for one event; `step` counts the events applied to the key's state."""
     topic, partition, offset = source if source else (None, None, None)
-    return json.dumps({
+    return {
         "key": event.key,
         "prediction": prediction,
         "step": step,
         "model_version": model_version,
         "source": {"topic": topic, "partition": partition, "offset": offset},
         "event_ts": event_ts,
-    }, separators=(",", ":")).encode()
+    }
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode()
 
 
 def read_event_lines(path: str | Path) -> Iterator[tuple[int, Any]]:

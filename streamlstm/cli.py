@@ -1,0 +1,140 @@
+"""The `streamlstm` command: broker, train, serve, predict, demo.
+
+Problems the user can fix (config, model artifact, input files) end the command with exit code 2 and
+one line naming the file or key; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .artifact import ArtifactError
+from .config import ConfigError, load_config
+
+USAGE_ERROR = 2
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if level != "DEBUG":  # kafka-python narrates every connection at INFO
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def _on_stop_signals(stop: Callable[[], None]) -> None:
+    """SIGTERM (Kubernetes) and SIGINT (Ctrl-C) both mean: finish cleanly."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    _configure_logging(cfg.log.level)
+    from .daemon import Daemon
+
+    daemon = Daemon(cfg)
+    _on_stop_signals(daemon.stop)
+    daemon.run()
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    _configure_logging(cfg.log.level)
+    from .train import train
+
+    artifact = train(args.data, args.out, cfg.train)
+    print(json.dumps({"model": str(args.out), "version": artifact.version, "training": artifact.training}))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict_file import predict_file
+
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        scored, rejected = predict_file(args.model, args.data, out)
+    finally:
+        if args.out:
+            out.close()
+    print(f"{scored} events scored, {rejected} rejected", file=sys.stderr)
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from .broker import EmbeddedBroker
+
+    stop = threading.Event()
+    _on_stop_signals(stop.set)
+    with EmbeddedBroker(args.port) as broker:
+        print(f"embedded broker listening; bootstrap servers: {broker.bootstrap}", flush=True)
+        while not stop.wait(0.5):
+            if not broker.running():
+                print("embedded broker exited unexpectedly", file=sys.stderr)
+                return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.workdir) if args.workdir else None)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamlstm", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser, required: bool) -> None:
+        sp.add_argument("--config", required=required, help="YAML file (see config/streamlstm.yaml)")
+        sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one key; repeatable; wins over the file and STREAMLSTM_* variables")
+
+    serve = sub.add_parser("serve", help="run the daemon")
+    with_config(serve, required=True)
+    serve.set_defaults(func=cmd_serve)
+
+    train = sub.add_parser("train", help="train a model artifact from a JSONL event file")
+    train.add_argument("--data", required=True, help="JSONL events: the wire format plus 'key'")
+    train.add_argument("--out", required=True, help="model directory to write")
+    with_config(train, required=False)
+    train.set_defaults(func=cmd_train)
+
+    predict = sub.add_parser("predict", help="score a JSONL event file offline, as the daemon would")
+    predict.add_argument("--model", required=True, help="model directory")
+    predict.add_argument("--data", required=True, help="JSONL events: the wire format plus 'key'")
+    predict.add_argument("--out", help="JSONL predictions (default: standard output)")
+    predict.set_defaults(func=cmd_predict)
+
+    broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker on 127.0.0.1")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.set_defaults(func=cmd_broker)
+
+    demo = sub.add_parser("demo", help="broker + training + daemon + replay of a real data set, then a summary")
+    demo.add_argument("--workdir", help="keep the demo's files here (default: a temporary directory)")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ArtifactError) as exc:
+        print(f"streamlstm {args.command}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except FileNotFoundError as exc:
+        print(f"streamlstm {args.command}: {exc.filename}: file not found", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""`streamlstm predict`: an event file scored offline, one JSON line per event, in file order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TextIO
+
+from .artifact import load_artifact
+from .events import Event, EventDecoder, Rejection, decode_line, prediction_record, read_event_lines
+from .offline import score_events
+
+
+def predict_file(model_dir: str | Path, data: str | Path, out: TextIO) -> tuple[int, int]:
+    """Writes what the daemon would publish for each event (source is null: a file has no offsets).
+
+    A rejected line gets a line naming its reason instead. Returns (scored, rejected).
+    """
+    artifact = load_artifact(model_dir)
+    decoder = EventDecoder(artifact.spec.features)
+    decoded = [(n, decode_line(decoder, obj)) for n, obj in read_event_lines(data)]
+    events = [d for _, d in decoded if isinstance(d, Event)]
+    predictions, steps = score_events(artifact, events)
+    scored = iter(zip(events, predictions.tolist(), steps.tolist()))
+    rejected = 0
+    for line, d in decoded:
+        if isinstance(d, Rejection):
+            rejected += 1
+            out.write(json.dumps({"line": line, "rejected": {"reason": d.reason, "detail": d.detail}}) + "\n")
+            continue
+        event, prediction, step = next(scored)
+        record = prediction_record(event, prediction, step, artifact.version, None, event.ts)
+        out.write(json.dumps({"line": line, **record}) + "\n")
+    return len(events), rejected
