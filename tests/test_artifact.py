@@ -1,0 +1,79 @@
+"""The model artifact: safetensors + model.json; every fault stops startup naming the file."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_model
+from streamlstm.artifact import META_FILE, WEIGHTS_FILE, ArtifactError, load_artifact, save_artifact
+
+
+def test_round_trip_keeps_weights_spec_and_version(tmp_path):
+    path = make_model(tmp_path / "m", hidden_size=8, num_layers=3)
+    artifact = load_artifact(path)
+    assert artifact.spec.num_layers == 3 and artifact.spec.features == ("load", "temp", "hour")
+    assert artifact.training == {"note": "random weights for tests"}
+    again = save_artifact(artifact.model, tmp_path / "copy", artifact.training)
+    assert again == artifact.version
+    assert make_model(tmp_path / "other", seed=1).name and load_artifact(tmp_path / "other").version != again
+
+
+def _damage(path, fault):
+    meta_file, weights = path / META_FILE, path / WEIGHTS_FILE
+    meta = json.loads(meta_file.read_text())
+    if fault == "missing_dir":
+        shutil.rmtree(path)
+    elif fault == "missing_meta":
+        meta_file.unlink()
+    elif fault == "missing_weights":
+        weights.unlink()
+    elif fault == "meta_not_json":
+        meta_file.write_text("{ this is not json")
+    elif fault == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif fault == "altered_weights":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif fault == "format_version":
+        meta["format_version"] = 99
+        meta_file.write_text(json.dumps(meta))
+    elif fault == "shape_mismatch":
+        meta["spec"]["hidden_size"] = 17
+        meta_file.write_text(json.dumps(meta))
+    elif fault == "stats_mismatch":
+        meta["spec"]["feature_mean"] = [0.0]
+        meta_file.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("fault,file,words", [
+    ("missing_dir", "", "not a directory"),
+    ("missing_meta", META_FILE, "missing"),
+    ("missing_weights", WEIGHTS_FILE, "missing"),
+    ("meta_not_json", META_FILE, "not valid JSON"),
+    ("truncated_weights", WEIGHTS_FILE, "corrupt or truncated"),
+    ("altered_weights", "", "does not match version"),
+    ("format_version", META_FILE, "format_version 99"),
+    ("shape_mismatch", "", "does not match"),
+    ("stats_mismatch", META_FILE, "feature_mean"),
+])
+def test_each_fault_is_named(tmp_path, fault, file, words):
+    path = make_model(tmp_path / "m")
+    _damage(path, fault)
+    with pytest.raises(ArtifactError) as err:
+        load_artifact(path)
+    assert str(path / file).rstrip("/") in str(err.value) and words in str(err.value)
+
+
+def test_serve_with_a_broken_model_exits_2_naming_the_file(tmp_path):
+    path = make_model(tmp_path / "m")
+    _damage(path, "truncated_weights")
+    result = subprocess.run(
+        [sys.executable, "-m", "streamlstm", "serve", "--config", "config/streamlstm.yaml",
+         "--set", f"model.path={path}", "--set", "model.device=cpu"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert str(path / WEIGHTS_FILE) in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,45 @@
+"""The event decoder: every malformed event gets its reason code; nothing raises."""
+
+import json
+
+import pytest
+
+from streamlstm.events import REASONS, Event, EventDecoder, Rejection
+
+decoder = EventDecoder(["a", "b"])
+
+
+def test_list_and_named_features_decode_in_model_order():
+    assert decoder.decode(b"k", b'{"features": [1, 2.5], "ts": 17}') == Event("k", [1.0, 2.5], 17)
+    assert decoder.decode("ключ".encode(), b'{"features": {"b": 2, "a": 1}}') == Event("ключ", [1.0, 2.0], None)
+
+
+@pytest.mark.parametrize("key,value,reason", [
+    (None, b'{"features": [1, 2]}', "bad_key"),
+    (b"", b'{"features": [1, 2]}', "bad_key"),
+    (b"\xff", b'{"features": [1, 2]}', "not_utf8"),
+    (b"k", b"\xff\xfe", "not_utf8"),
+    (b"k", b"{nope", "not_json"),
+    (b"k", None, "not_json"),
+    (b"k", b"[1, 2]", "not_object"),
+    (b"k", b'{"features": [1, 2], "colour": 1}', "unknown_field"),
+    (b"k", b'{"ts": 5}', "missing_features"),
+    (b"k", b'{"features": "1,2"}', "missing_features"),
+    (b"k", b'{"features": [1]}', "wrong_feature_count"),
+    (b"k", b'{"features": {"a": 1, "b": 2, "c": 3}}', "unknown_feature"),
+    (b"k", b'{"features": {"a": 1}}', "missing_feature"),
+    (b"k", b'{"features": [1, "2"]}', "non_numeric_feature"),
+    (b"k", b'{"features": [true, 2]}', "non_numeric_feature"),
+    (b"k", b'{"features": [1, NaN]}', "non_finite_feature"),
+    (b"k", b'{"features": [1, Infinity]}', "non_finite_feature"),
+    (b"k", b'{"features": [1, 2], "ts": "yesterday"}', "bad_ts"),
+])
+def test_each_malformed_event_gets_its_reason(key, value, reason):
+    decoded = decoder.decode(key, value)
+    assert isinstance(decoded, Rejection) and decoded.reason == reason and decoded.reason in REASONS
+    assert decoded.detail
+
+
+def test_detail_is_readable_and_json_safe():
+    rejection = decoder.decode(b"k", b'{"features": [1]}')
+    assert "2" in rejection.detail and json.dumps(rejection.detail)
