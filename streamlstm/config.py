@@ -35,6 +35,7 @@ class KafkaConfig:
     heartbeat_interval_ms: int = 3000
     max_poll_records: int = 2000
     poll_timeout_ms: int = 100
+    fetch_max_wait_ms: int = 20
     commit_interval_ms: int = 1000
 
 
@@ -42,6 +43,7 @@ class KafkaConfig:
 class ModelConfig:
     path: str = "model"
     device: str = "auto"
+    cpu_threads: int = 1
 
 
 @dataclass(frozen=True)

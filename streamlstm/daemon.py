@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 
+import torch
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -31,6 +32,7 @@ class Daemon:
         self._stop = threading.Event()
         self._last_poll = time.monotonic()
         self._assigned: set[TopicPartition] = set()
+        torch.set_num_threads(cfg.model.cpu_threads)
         device = resolve_device(cfg.model.device)
         artifact = load_artifact(cfg.model.path, device)
         self.predictor = StreamingPredictor(artifact, device)

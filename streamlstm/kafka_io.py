@@ -59,7 +59,7 @@ class KafkaIO:
             bootstrap_servers=cfg.bootstrap_servers, client_id=cfg.client_id, group_id=cfg.group_id,
             enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
             session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
-            max_poll_records=cfg.max_poll_records,
+            max_poll_records=cfg.max_poll_records, fetch_max_wait_ms=cfg.fetch_max_wait_ms,
         )
         self.consumer.subscribe([cfg.input_topic], listener=_Listener(self, on_assign))
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .artifact import Artifact
+from .config import ConfigError
 from .cell import layer_weights, lstm_step
 from .state import StateTable
 
@@ -22,7 +23,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("model.device: cuda was requested but no CUDA device is available; use auto or cpu")
+        raise ConfigError("config: model.device: cuda was requested but no CUDA device is available; use auto or cpu")
     return torch.device(name)
 
 

@@ -8,11 +8,11 @@ reference, so they describe what the daemon will publish rather than the trainin
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ class EventFile:
 
     features: tuple[str, ...]
     events: list[Event]
-    labels: list[Any]
+    labels: list[str | int | None]
     rejected: Counter[str]
 
 
@@ -72,7 +72,7 @@ def feature_names(records: Sequence[Any]) -> tuple[str, ...]:
     raise ValueError("train: no line has non-empty 'features' (a list or an object); nothing to train on")
 
 
-def _label(obj: Any) -> Any:
+def _label(obj: Any) -> str | int | None | Rejection:
     """A record's label: an int or a string, None when absent; anything else is not a usable class."""
     label = obj.get(LABEL_FIELD)
     if label is None or (isinstance(label, (int, str)) and not isinstance(label, bool)):
@@ -86,7 +86,7 @@ def read_training_events(path: str | Path) -> EventFile:
     names = feature_names(records)
     decoder = EventDecoder(names)
     events: list[Event] = []
-    labels: list[Any] = []
+    labels: list[str | int | None] = []
     rejected: Counter[str] = Counter()
     for obj in records:
         event = decode_line(decoder, obj, extra_fields=frozenset({LABEL_FIELD}))
@@ -99,7 +99,7 @@ def read_training_events(path: str | Path) -> EventFile:
     return EventFile(names, events, labels, rejected)
 
 
-def class_names(labels: Sequence[Any]) -> tuple[str, ...]:
+def class_names(labels: Sequence[str | int | None]) -> tuple[str, ...]:
     """Distinct labels as strings, integers in numeric order before other strings, for a stable order."""
     names = {str(label) for label in labels if label is not None}
     return tuple(sorted(names, key=lambda s: (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)))
@@ -111,6 +111,18 @@ def target_indices(features: Sequence[str], targets: Sequence[str]) -> list[int]
     if unknown:
         raise ValueError(f"train.targets: {unknown} are not features of the data ({list(features)})")
     return [features.index(t) for t in targets] if targets else [0]
+
+
+def model_outputs(data: EventFile, cfg: TrainConfig) -> tuple[tuple[str, ...], list[int]]:
+    """What the model predicts: the target features and their columns, or the classes (no columns)."""
+    if cfg.task == "classification":
+        if cfg.targets:
+            raise ValueError("train.targets applies to regression only; classification predicts 'label'")
+        if not any(label is not None for label in data.labels):
+            raise ValueError("train: task is classification but no accepted event has a 'label'")
+        return class_names(data.labels), []
+    column = target_indices(data.features, cfg.targets)
+    return tuple(data.features[i] for i in column), column
 
 
 def key_series(data: EventFile, outputs: tuple[str, ...], task: str, holdout: int) -> list[KeySeries]:
@@ -266,6 +278,22 @@ def validation_metrics(artifact: Artifact, data: EventFile, series: list[KeySeri
     return regression_metrics(pred, actual.astype(np.float64), last)
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Train on one intra-op thread, restoring the caller's count afterwards.
+
+    Float sums split over threads round differently with the thread count, so without this the weights
+    (and the version, and the metrics) would depend on the machine's cores; for these small per-timestep
+    matrix products one thread is also faster than two.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _seeded_model(spec: ModelSpec, seed: int) -> LSTMForecaster:
     """Initial weights from `seed` alone, without disturbing the caller's global torch RNG."""
     with torch.random.fork_rng(devices=[]):
@@ -277,22 +305,13 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, log: Callable[[st
     """Train on a JSONL event file, write the artifact to `out` and return it as loaded from disk.
 
     Same data and config give the same weights and so the same version: initial weights and key
-    shuffling come from `cfg.seed` only, and CPU training uses deterministic kernels.
+    shuffling come from `cfg.seed` only, and training runs on one thread whatever the machine.
     """
     started = time.perf_counter()
     events = read_training_events(data)
     if events.rejected:
         log(f"train: skipped {sum(events.rejected.values())} rejected lines: {dict(sorted(events.rejected.items()))}")
-    if cfg.task == "classification":
-        if cfg.targets:
-            raise ValueError("train.targets applies to regression only; classification predicts 'label'")
-        outputs = class_names(events.labels)
-        if not outputs:
-            raise ValueError(f"train: task is classification but no event in {data} has a 'label'")
-        column: list[int] = []
-    else:
-        column = target_indices(events.features, cfg.targets)
-        outputs = tuple(events.features[i] for i in column)
+    outputs, column = model_outputs(events, cfg)
     series = key_series(events, outputs, cfg.task, cfg.holdout_events)
     train_targets = sum(int(s.train.sum()) for s in series)
     if not train_targets:
@@ -300,9 +319,10 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, log: Callable[[st
                          f"train.holdout_events={cfg.holdout_events} targets")
     spec = build_spec(events, series, outputs, cfg)
     model = _seeded_model(spec, cfg.seed)
-    with _deterministic():
+    with _one_thread():
         loss = fit(model, series, cfg, log)
-    metrics = validation_metrics(Artifact(model, "", {}, Path(out)), events, series, column)
+        # scored in memory before saving: the metrics go into model.json, and the version ignores them
+        metrics = validation_metrics(Artifact(model, "", {}, Path(out)), events, series, column)
     training = {
         "events": len(events.events), "keys": len(series), "rejected": sum(events.rejected.values()),
         "train_targets": train_targets, "validation_targets": sum(int(s.valid.sum()) for s in series),
@@ -310,16 +330,6 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, log: Callable[[st
     }
     version = save_artifact(model, out, training)
     log(f"train: {version} in {time.perf_counter() - started:.1f}s; {len(events.events)} events, "
-        f"{len(series)} keys, {json.dumps(metrics)}")
+        f"{len(series)} keys, train loss {loss:.5f}; " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return load_artifact(out)
 
-
-class _deterministic:
-    """Turn on deterministic kernels for the duration of training, restoring the caller's setting."""
-
-    def __enter__(self) -> None:
-        self.previous = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.use_deterministic_algorithms(self.previous)

@@ -1,0 +1,173 @@
+"""Trainer tests on small synthetic data: it learns, it is reproducible, and it does not look ahead."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamlstm.artifact import load_artifact
+from streamlstm.config import TrainConfig
+from streamlstm.events import EventDecoder, decode_line, read_event_lines
+from streamlstm.offline import score_events
+from streamlstm.train import class_names, feature_names, train
+
+SMALL = TrainConfig(hidden_size=12, num_layers=1, epochs=25, learning_rate=0.02, batch_keys=16, holdout_events=8)
+
+
+def sine_records(keys: int = 40, steps: int = 60, seed: int = 1) -> list[dict]:
+    """Noisy sine waves with a random phase per key, interleaved by time like a live stream."""
+    rng = random.Random(seed)
+    phases = [rng.uniform(0, 2 * math.pi) for _ in range(keys)]
+    return [
+        {"key": f"k{k}", "features": {"y": math.sin(0.5 * t + phases[k]) + rng.gauss(0, 0.05), "t": t % 4}, "ts": t}
+        for t in range(steps)
+        for k in range(keys)
+    ]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def sine_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("sine") / "events.jsonl", sine_records())
+
+
+@pytest.fixture(scope="module")
+def sine_model(sine_file: Path, tmp_path_factory: pytest.TempPathFactory):
+    return train(sine_file, tmp_path_factory.mktemp("model") / "m", SMALL, log=quiet)
+
+
+def test_trained_model_beats_the_naive_forecast(sine_model) -> None:
+    t = sine_model.training
+    assert sine_model.spec.outputs == ("y",)
+    assert sine_model.spec.features == ("y", "t")
+    assert t["events"] == 2400 and t["keys"] == 40 and t["rejected"] == 0
+    assert t["validation_targets"] == 40 * 8 and t["train_targets"] == 40 * (59 - 8)
+    assert t["val_mae"] < 0.5 * t["naive_mae"], t
+    assert t["val_rmse"] < 0.5 * t["naive_rmse"], t
+
+
+def test_metrics_are_those_of_the_offline_reference(sine_model, sine_file: Path) -> None:
+    """val_mae recomputed from score_events over the file agrees with the stored figure."""
+    decoder = EventDecoder(sine_model.spec.features)
+    events = [decode_line(decoder, obj) for _, obj in read_event_lines(sine_file)]
+    predictions, steps = score_events(sine_model, events)
+    errors = []
+    by_key: dict[str, list[int]] = {}
+    for i, e in enumerate(events):
+        by_key.setdefault(e.key, []).append(i)
+    for positions in by_key.values():
+        for i, j in zip(positions[-9:-1], positions[-8:]):
+            errors.append(abs(predictions[i][0] - events[j].features[0]))
+    assert len(errors) == sine_model.training["validation_targets"]
+    assert np.mean(errors) == pytest.approx(sine_model.training["val_mae"], rel=1e-5)
+
+
+def test_same_seed_same_version_other_seed_other_version(sine_model, sine_file: Path, tmp_path: Path) -> None:
+    again = train(sine_file, tmp_path / "again", SMALL, log=quiet)
+    assert again.version == sine_model.version
+    assert again.training == sine_model.training
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (sine_model.path / "model.safetensors").read_bytes()
+    other = train(sine_file, tmp_path / "other", replace(SMALL, seed=1), log=quiet)
+    assert other.version != sine_model.version
+
+
+def test_result_ignores_global_torch_state_and_restores_threads(sine_file: Path, tmp_path: Path) -> None:
+    """The caller's global RNG and thread count neither change the weights nor get changed for good."""
+    threads = torch.get_num_threads()
+    cfg = replace(SMALL, epochs=2)
+    torch.manual_seed(1)
+    first = train(sine_file, tmp_path / "a", cfg, log=quiet)
+    torch.manual_seed(2)
+    torch.set_num_threads(2 if threads == 1 else 1)
+    try:
+        second = train(sine_file, tmp_path / "b", cfg, log=quiet)
+        assert torch.get_num_threads() == (2 if threads == 1 else 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert first.version == second.version and first.training == second.training
+
+
+def test_normalisation_ignores_the_holdout(tmp_path: Path) -> None:
+    """Holdout values a thousand times larger than the rest leave every statistic unchanged."""
+    records = [{"key": k, "features": [float(t % 5 + i)]} for t in range(20) for i, k in enumerate("abc")]
+    spiked = [
+        {"key": r["key"], "features": [r["features"][0] * 1000]} if n >= len(records) - 3 * 8 else r
+        for n, r in enumerate(records)
+    ]
+    cfg = replace(SMALL, epochs=1)
+    plain = train(write_jsonl(tmp_path / "plain.jsonl", records), tmp_path / "plain", cfg, log=quiet).spec
+    spike = train(write_jsonl(tmp_path / "spike.jsonl", spiked), tmp_path / "spike", cfg, log=quiet).spec
+    assert spike.features == ("f0",)
+    train_part = np.array([float(t % 5 + i) for t in range(20 - 8 - 1) for i in range(3)])
+    assert spike.feature_mean == pytest.approx((train_part.mean(),))
+    assert spike.feature_std == pytest.approx((train_part.std(),))
+    assert (spike.feature_mean, spike.feature_std) == (plain.feature_mean, plain.feature_std)
+    assert (spike.target_mean, spike.target_std) == (plain.target_mean, plain.target_std)
+
+
+def test_rejected_lines_are_skipped_and_counted(tmp_path: Path) -> None:
+    records = sine_records(keys=4, steps=20)
+    records[5:5] = ["not json", {"key": "x", "features": {"y": "nan?", "t": 0}}, {"key": "", "features": [1, 2]},
+                    {"key": "x", "features": {"y": 1.0, "t": 0}, "extra": 1}]
+    logged: list[str] = []
+    artifact = train(write_jsonl(tmp_path / "e.jsonl", records), tmp_path / "m", replace(SMALL, epochs=1), log=logged.append)
+    assert artifact.training["rejected"] == 4 and artifact.training["events"] == 80
+    assert any("skipped 4 rejected lines" in line for line in logged)
+
+
+def test_regression_targets_pick_the_output_feature(sine_file: Path, tmp_path: Path) -> None:
+    artifact = train(sine_file, tmp_path / "m", replace(SMALL, epochs=1, targets=["t"]), log=quiet)
+    assert artifact.spec.outputs == ("t",)
+    assert artifact.spec.target_mean == pytest.approx((1.5,), abs=0.1)
+    with pytest.raises(ValueError, match="nope"):
+        train(sine_file, tmp_path / "bad", replace(SMALL, epochs=1, targets=["nope"]), log=quiet)
+
+
+def test_classification_learns_and_publishes_probabilities(tmp_path: Path) -> None:
+    """Label = whether the wave is rising: unknowable from one value, learnable from the history."""
+    records = sine_records(keys=30, steps=40)
+    last: dict[str, float] = {}
+    for r in records:
+        y = r["features"]["y"]
+        r["label"] = "up" if y > last.get(r["key"], y) else "down"
+        last[r["key"]] = y
+    artifact = train(write_jsonl(tmp_path / "c.jsonl", records), tmp_path / "m",
+                     replace(SMALL, task="classification"), log=quiet)
+    assert artifact.spec.outputs == ("down", "up")
+    assert artifact.spec.target_mean == () and artifact.spec.target_std == ()
+    t = artifact.training
+    assert t["val_accuracy"] > t["majority_accuracy"] + 0.2, t
+    assert t["val_log_loss"] < t["prior_log_loss"], t
+    decoder = EventDecoder(artifact.spec.features)
+    events = [decode_line(decoder, obj, frozenset({"label"})) for _, obj in read_event_lines(tmp_path / "c.jsonl")]
+    probabilities, _ = score_events(artifact, events)
+    assert probabilities.shape == (len(events), 2)
+    assert np.all(probabilities >= 0)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert load_artifact(tmp_path / "m").version == artifact.version
+
+
+def test_class_names_sort_numbers_numerically() -> None:
+    assert class_names([10, 2, None, "b", 2, "a", -1]) == ("-1", "2", "10", "a", "b")
+
+
+def test_feature_names_prefer_named_features() -> None:
+    assert feature_names([{"features": [1, 2]}, {"features": {"b": 1, "a": 2}}]) == ("b", "a")
+    assert feature_names(["junk", {"features": [1, 2, 3]}]) == ("f0", "f1", "f2")
+    with pytest.raises(ValueError):
+        feature_names([{"features": []}])
