@@ -126,7 +126,8 @@ def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> Artif
     if _version(weights, meta["spec"]) != meta.get("version"):
         raise ArtifactError(f"model: {path}: content does not match version {meta.get('version')!r} "
                             f"(weights or {META_FILE} were altered); re-export the model")
-    model = LSTMForecaster(spec)
+    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG be
+        model = LSTMForecaster(spec)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     if expected != found:

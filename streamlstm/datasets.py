@@ -61,8 +61,10 @@ def interleave(series: Mapping[str, Sequence[float]]) -> list[tuple[int, str, fl
 def write_events(path: Path, series: Mapping[str, Sequence[float]]) -> None:
     """One JSONL event per value, interleaved by time index, with a synthetic quarterly timestamp."""
     with open(path, "w", encoding="utf-8") as fh:
-        for t, key, value in interleave(series):
-            fh.write(json.dumps({"key": key, "features": {FEATURE: value}, "ts": BASE_TS_MS + t * QUARTER_MS}) + "\n")
+        fh.writelines(
+            json.dumps({"key": key, "features": {FEATURE: value}, "ts": BASE_TS_MS + t * QUARTER_MS}) + "\n"
+            for t, key, value in interleave(series)
+        )
 
 
 def write_tourism_events(dir: Path) -> TourismFiles:

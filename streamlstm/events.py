@@ -39,6 +39,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite(value: int | float) -> float | None:
+    """The value as a float, or None for NaN, infinities and integers too large for a float."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 class EventDecoder:
     """Checks events against the model's feature names; features come out in the model's order."""
 
@@ -65,15 +74,16 @@ class EventDecoder:
             return Rejection("not_object", f"value is JSON {type(obj).__name__}, expected an object")
         unknown = obj.keys() - EVENT_FIELDS - extra_fields
         if unknown:
-            return Rejection("unknown_field", f"unknown fields {sorted(unknown)}; allowed: {sorted(EVENT_FIELDS)}")
+            allowed = sorted(EVENT_FIELDS | extra_fields)
+            return Rejection("unknown_field", f"unknown fields {sorted(unknown)}; allowed: {allowed}")
         if "features" not in obj:
             return Rejection("missing_features", "the event has no 'features'")
         features = self._features(obj["features"])
         if isinstance(features, Rejection):
             return features
         ts = obj.get("ts")
-        if ts is not None and not (_is_number(ts) and math.isfinite(ts)):
-            return Rejection("bad_ts", f"'ts' must be a number of epoch milliseconds, got {ts!r}")
+        if ts is not None and not (_is_number(ts) and _finite(ts) is not None):
+            return Rejection("bad_ts", f"'ts' must be a number of epoch milliseconds, got {ts!r:.40}")
         return Event(key, features, None if ts is None else int(ts))
 
     def _features(self, raw: Any) -> list[float] | Rejection:
@@ -91,12 +101,15 @@ class EventDecoder:
             values = raw
         else:
             return Rejection("missing_features", f"'features' must be a list or an object, got {type(raw).__name__}")
+        out = []
         for name, v in zip(self.names, values):
             if not _is_number(v):
-                return Rejection("non_numeric_feature", f"feature {name!r} is {v!r}, not a number")
-            if not math.isfinite(v):
-                return Rejection("non_finite_feature", f"feature {name!r} is {v!r}")
-        return [float(v) for v in values]
+                return Rejection("non_numeric_feature", f"feature {name!r} is {v!r:.40}, not a number")
+            number = _finite(v)
+            if number is None:
+                return Rejection("non_finite_feature", f"feature {name!r} is {v!r:.40}")
+            out.append(number)
+        return out
 
 
 def prediction_record(

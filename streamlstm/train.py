@@ -263,7 +263,9 @@ def classification_metrics(prob: np.ndarray, actual: np.ndarray, train_labels: n
     }
 
 
-def validation_metrics(artifact: Artifact, data: EventFile, series: list[KeySeries], column: list[int]) -> dict[str, float]:
+def validation_metrics(
+    artifact: Artifact, data: EventFile, series: list[KeySeries], column: list[int]
+) -> dict[str, float]:
     """Score every key's full sequence with the offline reference and compare on the validation targets."""
     predictions, _ = score_events(artifact, data.events)
     rows = [np.asarray(s.positions)[s.valid] for s in series]

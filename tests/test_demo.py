@@ -1,0 +1,41 @@
+"""`streamlstm demo` runs the whole system on the real data set and cleans up after itself."""
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+def test_demo_completes_prints_its_summary_and_leaves_no_process(tmp_path):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "streamlstm", "demo", "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - started
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    assert elapsed < 300
+
+    good = int(re.search(r"events in\s+\d+\s+\((\d+) good", out).group(1))
+    assert good == 42544  # every quarter of the 427 tourism series
+    assert int(re.search(r"predictions out\s+(\d+)", out).group(1)) == good
+    assert int(re.search(r"rejected\s+(\d+)", out).group(1)) == 3
+    assert re.search(r"latency p50 / p99\s+\d+ ms / \d+ ms", out)
+    model, naive = map(float, re.search(r"model (\S+) vs naive last value (\S+):", out).groups())
+    assert model < naive
+
+    port = re.search(r"embedded broker on 127\.0\.0\.1:(\d+)", out).group(1)
+    assert not _processes_mentioning(f"127.0.0.1:{port}"), "the broker is still running"
+    assert not _processes_mentioning(str(tmp_path / "streamlstm.yaml")), "the daemon is still running"
