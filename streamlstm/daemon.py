@@ -111,7 +111,8 @@ class Daemon:
             for record, event, prediction, step in zip(accepted, events, predictions.tolist(), steps.tolist()):
                 source = (record.topic, record.partition, record.offset)
                 event_ts = record.timestamp if event.ts is None else event.ts
-                io.send_prediction(record.key, encode_record(prediction_record(event, prediction, step, version, source, event_ts)))
+                published = prediction_record(event, prediction, step, version, source, event_ts)
+                io.send_prediction(record.key, encode_record(published))
             now_ms = time.time() * 1000
             for record in accepted:
                 m.latency.observe(max(now_ms - record.timestamp, 0.0) / 1000)

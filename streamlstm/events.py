@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 EVENT_FIELDS = frozenset({"features", "ts"})
+LABEL_FIELD = "label"  # event files only: a classification event's class, for training and scoring
 
 
 @dataclass(slots=True)

@@ -16,7 +16,9 @@ from .events import Event
 
 
 @torch.inference_mode()
-def score_events(artifact: Artifact, events: Sequence[Event], keys_per_batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def score_events(
+    artifact: Artifact, events: Sequence[Event], keys_per_batch: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """Prediction and step (1-based position within its key) for every event, in input order."""
     model = artifact.model
     by_key: dict[str, list[int]] = {}

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import TextIO
 
 from .artifact import load_artifact
-from .events import Event, EventDecoder, Rejection, decode_line, prediction_record, read_event_lines
+from .events import LABEL_FIELD, Event, EventDecoder, Rejection, decode_line, prediction_record, read_event_lines
 from .offline import score_events
+
 
 
 def predict_file(model_dir: str | Path, data: str | Path, out: TextIO) -> tuple[int, int]:
@@ -18,7 +19,7 @@ def predict_file(model_dir: str | Path, data: str | Path, out: TextIO) -> tuple[
     """
     artifact = load_artifact(model_dir)
     decoder = EventDecoder(artifact.spec.features)
-    decoded = [(n, decode_line(decoder, obj)) for n, obj in read_event_lines(data)]
+    decoded = [(n, decode_line(decoder, obj, frozenset({LABEL_FIELD}))) for n, obj in read_event_lines(data)]
     events = [d for _, d in decoded if isinstance(d, Event)]
     predictions, steps = score_events(artifact, events)
     scored = iter(zip(events, predictions.tolist(), steps.tolist()))

@@ -24,11 +24,10 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .artifact import Artifact, load_artifact, save_artifact
 from .config import TrainConfig
-from .events import Event, EventDecoder, Rejection, decode_line, read_event_lines
+from .events import LABEL_FIELD, Event, EventDecoder, Rejection, decode_line, read_event_lines
 from .model import LSTMForecaster, ModelSpec
 from .offline import score_events
 
-LABEL_FIELD = "label"
 PROBABILITY_FLOOR = 1e-12  # keeps the log-loss finite when a class gets probability 0
 
 
