@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _configure_logging(cfg.log.level)
     from .train import train
 
-    artifact = train(args.data, args.out, cfg.train)
+    artifact = train(args.data, args.out, cfg.train, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps({"model": str(args.out), "version": artifact.version, "training": artifact.training}))
     return 0
 

@@ -173,3 +173,30 @@ def test_feature_names_prefer_named_features() -> None:
     assert feature_names(["junk", {"features": [1, 2, 3]}]) == ("f0", "f1", "f2")
     with pytest.raises(ValueError):
         feature_names([{"features": []}])
+
+
+def test_train_and_predict_commands_hand_over_one_artifact(sine_file: Path, tmp_path: Path) -> None:
+    """`streamlstm train` writes the artifact `streamlstm predict` scores, one line per event in file order."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "model"
+    trained = subprocess.run(
+        [sys.executable, "-m", "streamlstm", "train", "--data", str(sine_file), "--out", str(out),
+         "--set", "train.epochs=2", "--set", "train.hidden_size=8"],
+        capture_output=True, text=True, timeout=120, check=True)
+    version = json.loads(trained.stdout)["version"]  # progress goes to stderr, the result to stdout
+    assert load_artifact(out).version == version
+
+    scored = subprocess.run(
+        [sys.executable, "-m", "streamlstm", "predict", "--model", str(out), "--data", str(sine_file)],
+        capture_output=True, text=True, timeout=120, check=True)
+    lines = [json.loads(line) for line in scored.stdout.splitlines()]
+    events = sine_file.read_text().splitlines()
+    assert len(lines) == len(events) and [p["line"] for p in lines] == list(range(1, len(events) + 1))
+    assert all(p["model_version"] == version and len(p["prediction"]) == 1 for p in lines)
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "streamlstm", "train", "--data", str(sine_file), "--out", str(out),
+         "--set", "train.epochs=many"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "train.epochs" in bad.stderr
