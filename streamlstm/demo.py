@@ -56,10 +56,13 @@ def _replay(broker: EmbeddedBroker, topic: str, replay: Path) -> dict[tuple[int,
     """Produce the replay file tick by tick; returns each event's record timestamp by (partition, offset)."""
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=2)
     futures = []
-    lines = [json.loads(line) for line in replay.read_text().splitlines()]
+    ticks: dict[int, list[dict]] = {}
+    for line in replay.read_text().splitlines():
+        event = json.loads(line)
+        ticks.setdefault(event["ts"], []).append(event)
     start = time.monotonic()
-    for tick, ts in enumerate(sorted({e["ts"] for e in lines})):
-        for e in (e for e in lines if e["ts"] == ts):
+    for tick, ts in enumerate(sorted(ticks)):
+        for e in ticks[ts]:
             value = json.dumps({"features": e["features"], "ts": e["ts"]}).encode()
             futures.append(producer.send(topic, key=e["key"].encode(), value=value))
         producer.flush()

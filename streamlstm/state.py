@@ -28,12 +28,10 @@ class StateTable:
     def rows(self, keys: list[str]) -> torch.Tensor:
         """Row index of each key, giving a key seen for the first time a zeroed row."""
         rows = self._rows
-        out = [rows.get(k, -1) for k in keys]
-        for i, row in enumerate(out):
-            if row < 0:
-                out[i] = rows.get(keys[i], -1)
-                if out[i] < 0:
-                    out[i] = self._admit(keys[i])
+        out = []
+        for key in keys:
+            row = rows.get(key)
+            out.append(self._admit(key) if row is None else row)
         return torch.tensor(out, dtype=torch.int64)
 
     def _admit(self, key: str) -> int:
