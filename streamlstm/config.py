@@ -36,7 +36,7 @@ class KafkaConfig:
     max_poll_records: int = 2000
     poll_timeout_ms: int = 100
     fetch_max_wait_ms: int = 20
-    commit_interval_ms: int = 1000
+    processing_guarantee: str = "at_least_once"
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,18 @@ class ModelConfig:
     path: str = "model"
     device: str = "auto"
     cpu_threads: int = 1
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    checkpoint_interval_ms: int = 1000
+    changelog_topic: str = ""
+    ttl_seconds: float = 604800.0
+    ttl_clock: str = "processing_time"
+
+    def changelog_for(self, kafka: KafkaConfig) -> str:
+        """Per group and input topic, like Kafka Streams' <application.id>-<store>-changelog."""
+        return self.changelog_topic or f"{kafka.group_id}-{kafka.input_topic}-changelog"
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,7 @@ class LogConfig:
 @dataclass(frozen=True)
 class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -83,6 +96,8 @@ class Config:
 
 _CHOICES = {
     ("kafka", "auto_offset_reset"): ("earliest", "latest"),
+    ("kafka", "processing_guarantee"): ("at_least_once", "exactly_once"),
+    ("state", "ttl_clock"): ("processing_time", "event_time"),
     ("model", "device"): ("auto", "cpu", "cuda"),
     ("train", "task"): ("regression", "classification"),
     ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -131,7 +146,7 @@ def _validate(name: str, value: Any) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if name == "http.port" and not 0 <= value <= 65535:
             raise ConfigError(f"config: {name}: {value} is not a TCP port (0-65535)")
-        if value < 0 or (value == 0 and name not in ("http.port", "train.seed", "train.grad_clip")):
+        if value < 0 or (value == 0 and name not in ("http.port", "train.seed", "train.grad_clip", "state.ttl_seconds")):
             raise ConfigError(f"config: {name}: must be positive, got {value}")
 
 

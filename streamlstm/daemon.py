@@ -1,7 +1,8 @@
 """The serving daemon: poll → decode → batched step → publish → checkpoint, with health and metrics.
 
-One event's path: KafkaIO.poll → EventDecoder.decode → StreamingPredictor.advance →
-encode_prediction → KafkaIO.send_prediction → KafkaIO.checkpoint (flush, then commit).
+One event's path: KafkaIO.poll → EventDecoder.decode → Daemon._plan (reset, end, expiry) →
+StreamingPredictor.advance → prediction_record → KafkaIO.send_prediction → Checkpointer.checkpoint
+(state records, flush, commit). Restorer rebuilds the state of partitions as they are assigned.
 """
 
 from __future__ import annotations
@@ -9,20 +10,36 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from .artifact import load_artifact
+from .checkpoint import Checkpointer
 from .config import Config
-from .events import EventDecoder, Rejection, encode_record, prediction_record
+from .events import Event, EventDecoder, Rejection, encode_record, prediction_record
 from .http_server import HttpServer
-from .kafka_io import KafkaIO, ensure_topics
+from .kafka_io import ChangelogReader, KafkaIO, ensure_changelog, ensure_topics
 from .metrics import Metrics
 from .predictor import StreamingPredictor, resolve_device
+from .restore import Restorer
+from .state import StateKey
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """A batch's accepted events, as steps: which positions step, which start from zero, who is dropped."""
+
+    steps: list[int] = field(default_factory=list)
+    fresh: list[bool] = field(default_factory=list)
+    times: list[int] = field(default_factory=list)
+    drops: dict[StateKey, tuple[int, str]] = field(default_factory=dict)  # key -> (offset, reason)
+    expired: int = 0
 
 
 class Daemon:
@@ -31,16 +48,18 @@ class Daemon:
         self.metrics = Metrics()
         self._stop = threading.Event()
         self._last_poll = time.monotonic()
-        self._assigned: set[TopicPartition] = set()
         torch.set_num_threads(cfg.model.cpu_threads)
         device = resolve_device(cfg.model.device)
         artifact = load_artifact(cfg.model.path, device)
         self.predictor = StreamingPredictor(artifact, device)
         self.decoder = EventDecoder(artifact.spec.features)
+        self.changelog_topic = cfg.state.changelog_for(cfg.kafka)
+        self.ttl_ms = int(cfg.state.ttl_seconds * 1000)
         spec = artifact.spec
         self.metrics.model.info({"version": artifact.version, "task": spec.task, "device": str(device),
                                  "hidden_size": str(spec.hidden_size), "num_layers": str(spec.num_layers)})
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.exposition, self.healthy, self.ready)
+        self.restorer: Restorer | None = None
         log.info("model %s loaded from %s on %s", artifact.version, cfg.model.path, device)
 
     def healthy(self) -> tuple[bool, str]:
@@ -50,9 +69,10 @@ class Daemon:
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
-        if not self._assigned:
-            return False, "no partitions assigned yet"
-        return True, f"ok: {len(self._assigned)} partitions"
+        """Ready once the first assignment's state is restored (an empty assignment counts: a standby)."""
+        if self.restorer is None or not self.restorer.restored_once:
+            return False, "waiting for partitions and their state"
+        return True, f"ok: {len(self.restorer.assigned)} partitions"
 
     def stop(self) -> None:
         """Safe from a signal handler: the loop finishes its batch, checkpoints and leaves the group."""
@@ -64,66 +84,136 @@ class Daemon:
         kafka = self.cfg.kafka
         if kafka.create_topics:
             ensure_topics(kafka)
-        io = KafkaIO(kafka, self._on_assign)
-        log.info("consuming %s as group %s from %s", kafka.input_topic, kafka.group_id, kafka.bootstrap_servers)
+        ensure_changelog(kafka, self.changelog_topic)
+        self.io = io = KafkaIO(kafka, self)
+        table = self.predictor.table
+        self.restorer = Restorer(io, ChangelogReader(kafka, self.changelog_topic), table, self.metrics,
+                                 self.predictor.model.spec.num_layers, self.predictor.model.spec.hidden_size)
+        self.checkpointer = Checkpointer(io, table, self.metrics, self.changelog_topic, self.cfg.state,
+                                         self.predictor.version)
+        log.info("consuming %s as group %s from %s; state in %s", kafka.input_topic, kafka.group_id,
+                 kafka.bootstrap_servers, self.changelog_topic)
         try:
-            next_commit = time.monotonic() + kafka.commit_interval_ms / 1000
-            while not self._stop.is_set():
-                self._last_poll = time.monotonic()
-                self.metrics.last_poll.set_to_current_time()
-                records = io.poll()
-                if records:
-                    self._process(io, records)
-                if time.monotonic() >= next_commit:
-                    self._checkpoint(io)
-                    next_commit = time.monotonic() + kafka.commit_interval_ms / 1000
+            self._loop(io)
             log.info("stopping: final checkpoint, leaving the group")
+            self.checkpointer.checkpoint()
         finally:
             io.close()
+            self.restorer.reader.close()
             self.http.stop()
         log.info("stopped")
 
-    def _on_assign(self, partitions: set[TopicPartition]) -> None:
-        self._assigned = partitions
+    def _loop(self, io: KafkaIO) -> None:
+        interval = self.cfg.state.checkpoint_interval_ms / 1000
+        next_checkpoint = time.monotonic() + interval
+        while not self._stop.is_set():
+            self._last_poll = time.monotonic()
+            self.metrics.last_poll.set_to_current_time()
+            records = io.poll(0 if self.restorer.busy else None)
+            if records:
+                self._process(io, records)
+            self.restorer.step()
+            if time.monotonic() >= next_checkpoint:
+                self.checkpointer.checkpoint()
+                self._report_lag(io)
+                next_checkpoint = time.monotonic() + interval
+
+    # Rebalance callbacks: on kafka-python's IO thread, while the loop above waits inside poll().
+    def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        self.restorer.on_revoked(partitions)
+        self.checkpointer.on_revoked(partitions)
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
         self.metrics.rebalances.inc()
         self.metrics.assigned.set(len(partitions))
+        self.metrics.lag.clear()
+        self.restorer.on_assigned(partitions)
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
+
+    def on_lost(self, partitions: set[TopicPartition]) -> None:
+        self.metrics.partitions_lost.inc(len(partitions))
+        self.restorer.on_lost(partitions)
+        self.io.forget(partitions)
+        log.warning("lost partitions %s without committing (group membership lost); their state is dropped "
+                    "and will be restored by their new owner", sorted(tp.partition for tp in partitions))
 
     def _process(self, io: KafkaIO, records: list[ConsumerRecord]) -> None:
         m = self.metrics
         m.events_consumed.inc(len(records))
         m.poll_records.observe(len(records))
-        accepted, events = [], []
+        accepted: list[tuple[ConsumerRecord, Event]] = []
         for record in records:
             decoded = self.decoder.decode(record.key, record.value)
             if isinstance(decoded, Rejection):
                 io.send_dead_letter(record, decoded.reason, decoded.detail)
                 m.rejected.labels(decoded.reason).inc()
             else:
-                accepted.append(record)
-                events.append(decoded)
-        if events:
-            predictions, steps = self.predictor.advance([e.key for e in events], [e.features for e in events])
+                accepted.append((record, decoded))
+        if accepted:
+            self._apply(io, accepted)
+        io.mark_done(records)
+
+    def _apply(self, io: KafkaIO, accepted: list[tuple[ConsumerRecord, Event]]) -> None:
+        m = self.metrics
+        keys = [(record.partition, event.key) for record, event in accepted]
+        plan = self._plan(keys, accepted)
+        if plan.steps:
+            stepping = [accepted[i] for i in plan.steps]
+            result = self.predictor.advance([keys[i] for i in plan.steps], [e.features for _, e in stepping],
+                                            np.array(plan.fresh))
+            self.predictor.table.stamp(result.rows, np.array([r.offset for r, _ in stepping], dtype=np.int64),
+                                       np.array(plan.times, dtype=np.int64))
             for size, seconds in self.predictor.step_stats:
                 m.step_batch.observe(size)
                 m.step_duration.observe(seconds)
             version = self.predictor.version
-            for record, event, prediction, step in zip(accepted, events, predictions.tolist(), steps.tolist()):
+            now_ms = time.time() * 1000
+            for (record, event), prediction, step in zip(stepping, result.predictions.tolist(),
+                                                         result.steps.tolist()):
                 source = (record.topic, record.partition, record.offset)
                 event_ts = record.timestamp if event.ts is None else event.ts
                 published = prediction_record(event, prediction, step, version, source, event_ts)
                 io.send_prediction(record.key, encode_record(published))
-            now_ms = time.time() * 1000
-            for record in accepted:
                 m.latency.observe(max(now_ms - record.timestamp, 0.0) / 1000)
-            m.predictions.inc(len(events))
-            m.live_keys.set(len(self.predictor.table))
-        io.mark_done(records)
+            m.predictions.inc(len(stepping))
+        if plan.drops:
+            self.predictor.table.drop(plan.drops.keys(), [offset for offset, _ in plan.drops.values()])
+            for _, reason in plan.drops.values():
+                m.dropped_keys.labels(reason).inc()
+        if plan.expired:
+            m.dropped_keys.labels("expired").inc(plan.expired)
+        m.live_keys.set(len(self.predictor.table))
 
-    def _checkpoint(self, io: KafkaIO) -> None:
-        started = time.perf_counter()
-        if io.checkpoint():
-            self.metrics.commits.inc()
-            self.metrics.commit_duration.observe(time.perf_counter() - started)
+    def _plan(self, keys: list[StateKey], accepted: list[tuple[ConsumerRecord, Event]]) -> Plan:
+        """Apply reset, end and expiry in event order, so a batch means what its events one by one mean.
+
+        A key starts from zero state at a reset, after an end, and after a gap longer than the TTL on the
+        TTL clock (so an idle key is expired whether or not the periodic sweep got to it first).
+        """
+        plan = Plan()
+        table = self.predictor.table
+        last: dict[StateKey, int | None] = {}
+        event_clock = self.cfg.state.ttl_clock == "event_time"
+        now_ms = int(time.time() * 1000)
+        for i, (key, (record, event)) in enumerate(zip(keys, accepted)):
+            t = (record.timestamp if event.ts is None else event.ts) if event_clock else now_ms
+            previous = last[key] if key in last else table.time_of(key)
+            idle_too_long = bool(self.ttl_ms) and previous is not None and t - previous > self.ttl_ms
+            plan.expired += idle_too_long
+            if event.features is None:
+                plan.drops[key] = (record.offset, "reset" if event.reset else "end")
+                last[key] = None
+                continue
+            plan.drops.pop(key, None)
+            plan.steps.append(i)
+            plan.fresh.append(event.reset or idle_too_long or (key in last and last[key] is None))
+            plan.times.append(t)
+            last[key] = t
+            if event.end:
+                plan.drops[key] = (record.offset, "end")
+                last[key] = None
+        return plan
+
+    def _report_lag(self, io: KafkaIO) -> None:
         for tp, lag in io.lag().items():
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)

@@ -131,10 +131,11 @@ def run_demo(workdir: Path | None = None) -> int:
 def _serve_and_replay(work: Path, broker: EmbeddedBroker, files: TourismFiles) -> int:
     kafka = KafkaConfig(bootstrap_servers=broker.bootstrap, input_topic="tourism", output_topic="tourism-forecasts",
                         dlq_topic="tourism-dlq", group_id="demo", session_timeout_ms=6000,
-                        heartbeat_interval_ms=1000, commit_interval_ms=500)
+                        heartbeat_interval_ms=1000)
     port = free_port()
     cfg = dataclasses.replace(Config(), kafka=kafka)
-    config = {"kafka": dataclasses.asdict(cfg.kafka), "model": {"path": str(work / "model")},
+    config = {"kafka": dataclasses.asdict(cfg.kafka), "state": {"checkpoint_interval_ms": 500},
+              "model": {"path": str(work / "model")},
               "http": {"host": "127.0.0.1", "port": port}}
     config_file = work / "streamlstm.yaml"
     config_file.write_text(yaml.safe_dump(config))

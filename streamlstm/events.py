@@ -13,15 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-EVENT_FIELDS = frozenset({"features", "ts"})
+CONTROL_FIELDS = ("reset", "end")  # reset: start the key from zero state; end: drop it after this event
+EVENT_FIELDS = frozenset({"features", "ts", *CONTROL_FIELDS})
 LABEL_FIELD = "label"  # event files only: a classification event's class, for training and scoring
 
 
 @dataclass(slots=True)
 class Event:
+    """An accepted event; `features` is None for a control-only event (reset or end without features)."""
+
     key: str
-    features: list[float]
+    features: list[float] | None
     ts: int | None
+    reset: bool = False
+    end: bool = False
 
 
 class Rejection(NamedTuple):
@@ -32,7 +37,7 @@ class Rejection(NamedTuple):
 REASONS = (
     "bad_key", "not_utf8", "not_json", "not_object", "unknown_field", "missing_features",
     "wrong_feature_count", "unknown_feature", "missing_feature", "non_numeric_feature",
-    "non_finite_feature", "bad_ts",
+    "non_finite_feature", "bad_ts", "bad_control",
 )
 
 
@@ -77,15 +82,22 @@ class EventDecoder:
         if unknown:
             allowed = sorted(EVENT_FIELDS | extra_fields)
             return Rejection("unknown_field", f"unknown fields {sorted(unknown)}; allowed: {allowed}")
-        if "features" not in obj:
-            return Rejection("missing_features", "the event has no 'features'")
-        features = self._features(obj["features"])
-        if isinstance(features, Rejection):
-            return features
+        for name in CONTROL_FIELDS:
+            if not isinstance(obj.get(name, False), bool):
+                return Rejection("bad_control", f"{name!r} must be true or false, got {obj[name]!r:.40}")
+        reset, end = obj.get("reset", False), obj.get("end", False)
+        if "features" in obj:
+            features = self._features(obj["features"])
+            if isinstance(features, Rejection):
+                return features
+        elif reset or end:
+            features = None
+        else:
+            return Rejection("missing_features", "the event has no 'features' (only reset or end events may omit them)")
         ts = obj.get("ts")
         if ts is not None and not (_is_number(ts) and _finite(ts) is not None):
             return Rejection("bad_ts", f"'ts' must be a number of epoch milliseconds, got {ts!r:.40}")
-        return Event(key, features, None if ts is None else int(ts))
+        return Event(key, features, None if ts is None else int(ts), reset, end)
 
     def _features(self, raw: Any) -> list[float] | Rejection:
         if isinstance(raw, dict):

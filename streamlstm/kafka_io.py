@@ -1,4 +1,5 @@
-"""The Kafka side of the daemon: consume, produce predictions and dead letters, commit safely.
+"""The Kafka side of the daemon: consume; produce predictions, dead letters and state records; commit
+safely; read a changelog back.
 
 Offsets are committed only after the broker has acknowledged every record produced for them (flush,
 then commit), so a crash can repeat work but never lose an event. Knows nothing of torch or models.
@@ -7,9 +8,15 @@ then commit), so a crash can repeat work but never lose an event. Knows nothing 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from typing import Protocol
 
-from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import (
+    ConsumerRebalanceListener,
+    KafkaAdminClient,
+    KafkaConsumer,
+    KafkaProducer,
+    TopicPartition,
+)
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import TopicAlreadyExistsError
@@ -22,6 +29,10 @@ log = logging.getLogger(__name__)
 DLQ_REASON = "streamlstm.reason"
 DLQ_DETAIL = "streamlstm.detail"
 DLQ_SOURCE = "streamlstm.source"
+
+
+class TopicError(RuntimeError):
+    """A topic the daemon needs is missing or shaped wrongly; the message says what to change."""
 
 
 class DeliveryError(RuntimeError):
@@ -43,10 +54,52 @@ def ensure_topics(cfg: KafkaConfig) -> None:
         admin.close()
 
 
+def ensure_changelog(cfg: KafkaConfig, changelog: str) -> int:
+    """Create the compacted state changelog with one partition per input partition; check an existing one.
+
+    Returns the partition count. A changelog with another partition count would put keys' state in the
+    wrong partitions, so it stops startup.
+    """
+    admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-admin")
+    try:
+        counts = {t["name"]: len(t["partitions"]) for t in admin.describe_topics([cfg.input_topic, changelog])
+                  if not t.get("error_code")}
+        if cfg.input_topic not in counts:
+            raise TopicError(f"input topic {cfg.input_topic!r} does not exist; create it, or set "
+                             "kafka.create_topics: true")
+        partitions = counts[cfg.input_topic]
+        if changelog not in counts:
+            try:
+                admin.create_topics([NewTopic(changelog, partitions, 1, topic_configs={"cleanup.policy": "compact"})])
+                log.info("created changelog topic %s with %d partitions", changelog, partitions)
+            except TopicAlreadyExistsError:
+                pass
+        elif counts[changelog] != partitions:
+            raise TopicError(f"changelog topic {changelog!r} has {counts[changelog]} partitions but input topic "
+                             f"{cfg.input_topic!r} has {partitions}; they must match (state follows the input "
+                             "partition): recreate the changelog or set state.changelog_topic to a new name")
+        return partitions
+    finally:
+        admin.close()
+
+
+class Rebalance(Protocol):
+    """What the owner of per-partition state does when the group moves partitions.
+
+    Called on kafka-python's IO thread, inside poll() or close(): no blocking consumer calls here.
+    """
+
+    def on_revoked(self, partitions: set[TopicPartition]) -> None: ...
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None: ...
+
+    def on_lost(self, partitions: set[TopicPartition]) -> None: ...
+
+
 class KafkaIO:
     """One consumer in the group plus one producer; tracks what may be committed."""
 
-    def __init__(self, cfg: KafkaConfig, on_assign: Callable[[set[TopicPartition]], None]) -> None:
+    def __init__(self, cfg: KafkaConfig, rebalance: Rebalance) -> None:
         self.cfg = cfg
         self._done: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
@@ -61,11 +114,12 @@ class KafkaIO:
             session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
             max_poll_records=cfg.max_poll_records, fetch_max_wait_ms=cfg.fetch_max_wait_ms,
         )
-        self.consumer.subscribe([cfg.input_topic], listener=_Listener(self, on_assign))
+        self.consumer.subscribe([cfg.input_topic], listener=_Listener(rebalance))
 
-    def poll(self) -> list[ConsumerRecord]:
+    def poll(self, timeout_ms: int | None = None) -> list[ConsumerRecord]:
         """Records of one poll, partition by partition in offset order."""
-        batches = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_poll_records)
+        timeout = self.cfg.poll_timeout_ms if timeout_ms is None else timeout_ms
+        batches = self.consumer.poll(timeout_ms=timeout, max_records=self.cfg.max_poll_records)
         return [record for records in batches.values() for record in records]
 
     def send_prediction(self, key: bytes, value: bytes) -> None:
@@ -81,6 +135,12 @@ class KafkaIO:
         self.producer.send(self.cfg.dlq_topic, key=record.key, value=record.value, headers=headers).add_errback(
             self._failed)
 
+    def send_state(self, topic: str, partition: int, key: bytes, value: bytes | None,
+                   headers: list[tuple[str, bytes]] | None = None) -> None:
+        """A changelog record, into the partition that matches the key's input partition."""
+        self.producer.send(topic, key=key, value=value, partition=partition, headers=headers).add_errback(
+            self._failed)
+
     def _failed(self, exc: Exception) -> None:
         self._send_error = self._send_error or exc
 
@@ -88,6 +148,10 @@ class KafkaIO:
         """Records whose outputs have been sent (not yet acknowledged)."""
         for record in records:
             self._done[TopicPartition(record.topic, record.partition)] = record.offset + 1
+
+    def done(self, tp: TopicPartition) -> int | None:
+        """The next offset to process on a partition, as far as this consumer has got."""
+        return self._done.get(tp)
 
     def pending(self, partitions: set[TopicPartition] | None = None) -> dict[TopicPartition, OffsetAndMetadata]:
         return {
@@ -103,40 +167,45 @@ class KafkaIO:
             raise DeliveryError(f"the broker refused a produced record: {self._send_error!r}; offsets "
                                 "after it are not committed and will be consumed again")
 
-    def checkpoint(self) -> bool:
-        """Flush, then commit the done offsets; returns whether anything was committed."""
-        offsets = self.pending()
-        if not offsets:
-            return False
-        self.flush()
-        self.consumer.commit(offsets)
-        self._remember(offsets)
-        return True
+    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        """Commit offsets whose records the broker has acknowledged (call flush first)."""
+        if offsets:
+            self.consumer.commit(offsets)
+            self._remember(offsets)
 
-    def _remember(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        self._committed.update({tp: meta.offset for tp, meta in offsets.items()})
-
-    def revoke(self, partitions: set[TopicPartition]) -> None:
-        """Commit what was done on partitions being taken away, before the new owner starts on them.
+    def commit_revoked(self, partitions: set[TopicPartition]) -> None:
+        """Flush and commit partitions being taken away, before the new owner starts on them.
 
         Called on the consumer's IO thread: the producer flush may block, the commit must be async.
         """
         offsets = self.pending(partitions)
-        if offsets:
-            try:
-                self.flush()
-            except DeliveryError:
-                log.exception("not committing revoked partitions %s", sorted(partitions))
-                offsets = {}
+        try:
+            self.flush()
+        except DeliveryError:
+            log.exception("not committing revoked partitions %s", sorted(tp.partition for tp in partitions))
+            offsets = {}
         if offsets:
             self.consumer.commit_async(offsets)
             self._remember(offsets)
         self.forget(partitions)
 
+    def _remember(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        self._committed.update({tp: meta.offset for tp, meta in offsets.items()})
+
     def forget(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
             self._done.pop(tp, None)
             self._committed.pop(tp, None)
+
+    def position(self, tp: TopicPartition) -> int:
+        """Where consumption of a partition resumes: the committed offset right after an assignment."""
+        return self.consumer.position(tp)
+
+    def pause(self, partitions: set[TopicPartition]) -> None:
+        self.consumer.pause(*partitions)
+
+    def resume(self, partitions: set[TopicPartition]) -> None:
+        self.consumer.resume(*partitions)
 
     def lag(self) -> dict[TopicPartition, int]:
         out = {}
@@ -147,26 +216,66 @@ class KafkaIO:
         return out
 
     def close(self) -> None:
-        """Checkpoint and leave the group so partitions move on at once, not after a session timeout."""
+        """Leave the group so partitions move on at once, not after a session timeout."""
         try:
-            self.checkpoint()
-        finally:
             self.consumer.close(autocommit=False)
+        finally:
             self.producer.close()
 
 
-class _Listener(ConsumerRebalanceListener):
-    """Runs on kafka-python's IO thread, so it must not block on the consumer (see KafkaIO.revoke)."""
+class ChangelogReader:
+    """Reads changelog partitions from their beginning to their current end, several at a time.
 
-    def __init__(self, io: KafkaIO, on_assign: Callable[[set[TopicPartition]], None]) -> None:
-        self.io = io
-        self.on_assign = on_assign
+    A consumer of its own, outside the group: restoring one partition never holds up the others.
+    """
+
+    def __init__(self, cfg: KafkaConfig, topic: str) -> None:
+        self.topic = topic
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-restore", group_id=None,
+            enable_auto_commit=False, max_poll_records=cfg.max_poll_records, fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+        )
+
+    def start(self, partitions: set[int]) -> None:
+        tps = {TopicPartition(self.topic, p) for p in partitions}
+        self.consumer.assign(sorted(self.consumer.assignment() | tps))
+        self.consumer.seek_to_beginning(*tps)
+
+    def stop(self, partitions: set[int]) -> None:
+        tps = {TopicPartition(self.topic, p) for p in partitions}
+        self.consumer.assign(sorted(self.consumer.assignment() - tps))
+
+    def poll(self, timeout_ms: int) -> list[ConsumerRecord]:
+        if not self.consumer.assignment():
+            return []
+        batches = self.consumer.poll(timeout_ms=timeout_ms)
+        return [record for records in batches.values() for record in records]
+
+    def caught_up(self) -> set[int]:
+        """Partitions read up to the end the broker last reported (known after their first fetch).
+
+        The end is the fetch high watermark: Tansu 0.6 answers ListOffsets(latest) with wrong offsets.
+        """
+        done = set()
+        for tp in self.consumer.assignment():
+            end = self.consumer.highwater(tp)
+            if end is not None and self.consumer.position(tp) >= end:
+                done.add(tp.partition)
+        return done
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, rebalance: Rebalance) -> None:
+        self.rebalance = rebalance
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.io.revoke(set(revoked))
+        self.rebalance.on_revoked(set(revoked))
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.on_assign(set(self.io.consumer.assignment()))
+        self.rebalance.on_assigned(set(assigned))
 
     def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
-        self.io.forget(set(lost))
+        self.rebalance.on_lost(set(lost))

@@ -9,7 +9,8 @@ from prometheus_client.process_collector import ProcessCollector
 # From 100 µs to 10 s: sub-millisecond GPU steps up to a backlog of seconds.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0)
-BATCH_BUCKETS = tuple(float(2**k) for k in range(15))  # 1 .. 16384 keys per step
+BATCH_BUCKETS = tuple(float(2**k) for k in range(18))  # 1 .. 131072 keys per step or checkpoint
+SIZE_BUCKETS = tuple(float(4**k) for k in range(5, 16))  # 1 KiB .. 1 GiB
 
 
 class Metrics:
@@ -32,11 +33,36 @@ class Metrics:
                                       buckets=BATCH_BUCKETS, registry=r)
         self.step_batch = Histogram("streamlstm_step_batch_size", "Keys advanced together in one step.",
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.commit_duration = Histogram("streamlstm_commit_duration_seconds",
-                                         "Producer flush plus offset commit.", buckets=LATENCY_BUCKETS, registry=r)
-        self.commits = Counter("streamlstm_commits_total", "Offset commits.", registry=r)
+        self.checkpoint_duration = Histogram(
+            "streamlstm_checkpoint_duration_seconds",
+            "One checkpoint: changelog records produced, every record acknowledged, offsets committed.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.checkpoint_bytes = Histogram("streamlstm_checkpoint_size_bytes",
+                                          "Changelog bytes written by one checkpoint.", buckets=SIZE_BUCKETS,
+                                          registry=r)
+        self.checkpoint_keys = Histogram("streamlstm_checkpoint_keys", "Keys written by one checkpoint.",
+                                         buckets=BATCH_BUCKETS, registry=r)
+        self.checkpoints = Counter("streamlstm_checkpoints_total", "Checkpoints that committed offsets.",
+                                   registry=r)
+        self.restore_duration = Histogram("streamlstm_restore_duration_seconds",
+                                          "Rebuilding one partition's keys from its changelog.",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.restored_keys = Counter("streamlstm_restored_keys_total", "Keys rebuilt from the changelog.",
+                                     registry=r)
+        self.restore_skipped = Counter(
+            "streamlstm_restore_skipped_records_total",
+            "Changelog records not restored: beyond_cut (after the committed offset; replayed instead), "
+            "incompatible (another model's state shape), unreadable.", ["reason"], registry=r)
+        self.restoring = Gauge("streamlstm_restoring_partitions", "Partitions paused while their state is rebuilt.",
+                               registry=r)
         self.rebalances = Counter("streamlstm_rebalances_total", "Partition assignments received.", registry=r)
+        self.partitions_lost = Counter("streamlstm_partitions_lost_total",
+                                       "Partitions taken away without a chance to commit (group membership lost).",
+                                       registry=r)
         self.live_keys = Gauge("streamlstm_live_keys", "Keys with state in the table.", registry=r)
+        self.dropped_keys = Counter("streamlstm_keys_dropped_total",
+                                    "Keys whose state was dropped and tombstoned: end, reset (without features), "
+                                    "expired (idle longer than state.ttl_seconds).", ["reason"], registry=r)
         self.assigned = Gauge("streamlstm_assigned_partitions", "Input partitions assigned to this consumer.",
                               registry=r)
         self.lag = Gauge("streamlstm_consumer_lag", "Records behind the end of the partition.",

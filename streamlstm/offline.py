@@ -1,5 +1,7 @@
 """Offline scoring: each key's whole event sequence through nn.LSTM from zero state.
 
+A key's sequence starts over at an event with `reset` and after one with `end`, as in the daemon.
+
 This is the reference the daemon must equal: it shares no step code with the streaming path, only the
 weights, so agreement between the two is evidence, not tautology.
 """
@@ -19,12 +21,12 @@ from .events import Event
 def score_events(
     artifact: Artifact, events: Sequence[Event], keys_per_batch: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Prediction and step (1-based position within its key) for every event, in input order."""
+    """Prediction and step (1-based position within its key's sequence) for every event, in input order.
+
+    Control-only events (no features) end a sequence and get no prediction: their rows stay zero.
+    """
     model = artifact.model
-    by_key: dict[str, list[int]] = {}
-    for i, event in enumerate(events):
-        by_key.setdefault(event.key, []).append(i)
-    groups = sorted(by_key.values(), key=len)
+    groups = sorted(_sequences(events), key=len)
     predictions = np.zeros((len(events), model.spec.output_size), dtype=np.float32)
     steps = np.zeros(len(events), dtype=np.int64)
     device = next(model.parameters()).device
@@ -39,3 +41,18 @@ def score_events(
             predictions[positions] = out[b, : len(positions)]
             steps[positions] = np.arange(1, len(positions) + 1)
     return predictions, steps
+
+
+def _sequences(events: Sequence[Event]) -> list[list[int]]:
+    """Positions of the events of each sequence: a key's events between resets and ends."""
+    open_: dict[str, list[int]] = {}
+    done: list[list[int]] = []
+    for i, event in enumerate(events):
+        if event.key in open_ and (event.reset or event.features is None):
+            done.append(open_.pop(event.key))
+        if event.features is None:
+            continue
+        open_.setdefault(event.key, []).append(i)
+        if event.end:
+            done.append(open_.pop(event.key))
+    return [seq for seq in done + list(open_.values()) if seq]

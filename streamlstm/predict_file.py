@@ -7,15 +7,23 @@ from pathlib import Path
 from typing import TextIO
 
 from .artifact import load_artifact
-from .events import LABEL_FIELD, Event, EventDecoder, Rejection, decode_line, prediction_record, read_event_lines
+from .events import (
+    LABEL_FIELD,
+    Event,
+    EventDecoder,
+    Rejection,
+    decode_line,
+    prediction_record,
+    read_event_lines,
+)
 from .offline import score_events
-
 
 
 def predict_file(model_dir: str | Path, data: str | Path, out: TextIO) -> tuple[int, int]:
     """Writes what the daemon would publish for each event (source is null: a file has no offsets).
 
-    A rejected line gets a line naming its reason instead. Returns (scored, rejected).
+    A rejected line gets a line naming its reason instead, and a control-only line (reset or end without
+    features) a line saying its key's state was dropped. Returns (events, rejected).
     """
     artifact = load_artifact(model_dir)
     decoder = EventDecoder(artifact.spec.features)
@@ -30,6 +38,9 @@ def predict_file(model_dir: str | Path, data: str | Path, out: TextIO) -> tuple[
             out.write(json.dumps({"line": line, "rejected": {"reason": d.reason, "detail": d.detail}}) + "\n")
             continue
         event, prediction, step = next(scored)
+        if event.features is None:  # a control-only event: the daemon publishes nothing for it
+            out.write(json.dumps({"line": line, "key": event.key, "dropped": True}) + "\n")
+            continue
         record = prediction_record(event, prediction, step, artifact.version, None, event.ts)
         out.write(json.dumps({"line": line, **record}) + "\n")
     return len(events), rejected

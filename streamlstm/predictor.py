@@ -7,15 +7,16 @@ successive steps, so no key is ever twice in one step. Knows nothing of Kafka.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .artifact import Artifact
-from .config import ConfigError
 from .cell import layer_weights, lstm_step
-from .state import StateTable
+from .config import ConfigError
+from .state import StateKey, StateTable
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,9 +28,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def step_rounds(keys: Sequence[str]) -> list[np.ndarray]:
+def step_rounds(keys: Sequence[Hashable]) -> list[np.ndarray]:
     """Positions of the events in each successive step: round r holds each key's r-th event."""
-    seen: dict[str, int] = {}
+    seen: dict[Hashable, int] = {}
     rounds = np.empty(len(keys), dtype=np.int64)
     for i, key in enumerate(keys):
         n = seen.get(key, 0)
@@ -39,6 +40,12 @@ def step_rounds(keys: Sequence[str]) -> list[np.ndarray]:
         return [np.arange(len(keys))]
     order = np.argsort(rounds, kind="stable")
     return np.split(order, np.cumsum(np.bincount(rounds))[:-1])
+
+
+class Advance(NamedTuple):
+    predictions: np.ndarray  # [n, outputs]
+    steps: np.ndarray  # each key's step count after its event
+    rows: np.ndarray  # each key's row in the state table
 
 
 class StreamingPredictor:
@@ -52,13 +59,15 @@ class StreamingPredictor:
         self.step_stats: list[tuple[int, float]] = []
 
     @torch.inference_mode()
-    def advance(self, keys: Sequence[str], features: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
-        """Apply one event per position; returns predictions [n, outputs] and each key's new step count.
+    def advance(
+        self, keys: Sequence[StateKey], features: Sequence[Sequence[float]], fresh: np.ndarray | None = None
+    ) -> Advance:
+        """Apply one event per position, in order; `fresh[i]` zeroes the key's state before event i.
 
         `step_stats` then holds (batch size, seconds) for every step taken, for the caller's metrics.
         """
         self.step_stats = []
-        rows = self.table.rows(list(keys))
+        rows = self.table.rows(keys)
         x = self.model.normalise(torch.tensor(features, dtype=torch.float32).to(self.device))
         top = torch.empty(len(keys), self.model.spec.hidden_size, device=self.device)
         steps = torch.empty(len(keys), dtype=torch.int64)
@@ -67,10 +76,12 @@ class StreamingPredictor:
             pos = torch.from_numpy(positions)
             pos_dev = pos.to(self.device, non_blocking=True)
             step_rows = rows[pos]
+            if fresh is not None and fresh[positions].any():
+                self.table.reset(rows[positions[fresh[positions]]].tolist())
             h, c = self.table.gather(step_rows)
             h, c = lstm_step(x.index_select(0, pos_dev), h, c, self.layers)
             steps[pos] = self.table.scatter(step_rows, h, c)
             top.index_copy_(0, pos_dev, h[-1])
             self.step_stats.append((len(positions), time.perf_counter() - started))
         predictions = self.model.predictions(self.model.head(top))
-        return predictions.cpu().numpy(), steps.numpy()
+        return Advance(predictions.cpu().numpy(), steps.numpy(), rows.numpy())

@@ -1,31 +1,68 @@
 """The per-key state table: h and c of every layer for every live key, on the model's device.
 
-Keys map to rows of two preallocated tensors, so a step gathers and scatters whole batches at once.
+Keys map to rows of preallocated tensors, so a step gathers and scatters whole batches at once. Each
+key belongs to a shard (the daemon uses the input partition), so a shard's keys can be dropped or
+restored together. Besides h and c, a row remembers its step count, the position of the last event
+applied (`offset`) and that event's time (`time`, for expiry). The table records which keys changed and
+which were dropped since the last `take_changes`, which is what a checkpoint writes out.
 The table knows nothing of Kafka or of the step math.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+
+StateKey = tuple[int, str]  # (shard, key)
+
+
+@dataclass
+class Rows:
+    """Rows' state copied to the host: h and c are [layers, n, hidden]."""
+
+    keys: list[StateKey]
+    h: np.ndarray
+    c: np.ndarray
+    steps: np.ndarray
+    offsets: np.ndarray
+    times: np.ndarray
+
+
+@dataclass
+class Changes:
+    """Since the last checkpoint: dropped keys with the offset that dropped them, then changed keys."""
+
+    dropped: list[tuple[StateKey, int]]
+    changed: Rows
 
 
 class StateTable:
-    def __init__(
-        self, num_layers: int, hidden_size: int, device: torch.device, capacity: int = 1024
-    ) -> None:
+    def __init__(self, num_layers: int, hidden_size: int, device: torch.device, capacity: int = 1024) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.device = device
-        self._rows: dict[str, int] = {}
+        self._rows: dict[StateKey, int] = {}
+        self._keys: list[StateKey | None] = [None] * capacity
         self._free = list(range(capacity - 1, -1, -1))
+        self._dirty: set[int] = set()
+        self._dropped: list[tuple[StateKey, int]] = []
         self.h = torch.zeros(num_layers, capacity, hidden_size, device=device)
         self.c = torch.zeros_like(self.h)
         self.steps = torch.zeros(capacity, dtype=torch.int64)
+        self.offsets = np.full(capacity, -1, dtype=np.int64)
+        self.times = np.zeros(capacity, dtype=np.int64)
+        self.shards = np.full(capacity, -1, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def rows(self, keys: list[str]) -> torch.Tensor:
+    def row(self, key: StateKey) -> int | None:
+        return self._rows.get(key)
+
+    def rows(self, keys: Sequence[StateKey]) -> torch.Tensor:
         """Row index of each key, giving a key seen for the first time a zeroed row."""
         rows = self._rows
         out = []
@@ -34,15 +71,22 @@ class StateTable:
             out.append(self._admit(key) if row is None else row)
         return torch.tensor(out, dtype=torch.int64)
 
-    def _admit(self, key: str) -> int:
+    def _admit(self, key: StateKey) -> int:
         if not self._free:
             self._grow()
         row = self._free.pop()
+        self._clear(row)
+        self._rows[key] = row
+        self._keys[row] = key
+        self.shards[row] = key[0]
+        return row
+
+    def _clear(self, row: int) -> None:
         self.h[:, row].zero_()
         self.c[:, row].zero_()
         self.steps[row] = 0
-        self._rows[key] = row
-        return row
+        self.offsets[row] = -1
+        self.times[row] = 0
 
     def _grow(self) -> None:
         """Double the capacity; amortised, so admitting keys stays O(1)."""
@@ -50,7 +94,16 @@ class StateTable:
         self.h = torch.cat([self.h, torch.zeros_like(self.h)], dim=1)
         self.c = torch.cat([self.c, torch.zeros_like(self.c)], dim=1)
         self.steps = torch.cat([self.steps, torch.zeros_like(self.steps)])
+        self.offsets = np.concatenate([self.offsets, np.full(old, -1, dtype=np.int64)])
+        self.times = np.concatenate([self.times, np.zeros(old, dtype=np.int64)])
+        self.shards = np.concatenate([self.shards, np.full(old, -1, dtype=np.int64)])
+        self._keys.extend([None] * old)
         self._free.extend(range(2 * old - 1, old - 1, -1))
+
+    def reset(self, rows: Iterable[int]) -> None:
+        """Zero rows in place (a reset, or an expired key seen again): the key starts over."""
+        for row in rows:
+            self._clear(row)
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = rows.to(self.device, non_blocking=True)
@@ -65,10 +118,79 @@ class StateTable:
         self.h.index_copy_(1, idx, h)
         self.c.index_copy_(1, idx, c)
         self.steps[rows] += 1
+        self._dirty.update(rows.tolist())
         return self.steps[rows]
 
-    def drop(self, keys: list[str]) -> None:
-        for key in keys:
+    def stamp(self, rows: np.ndarray, offsets: np.ndarray, times: np.ndarray) -> None:
+        """Record the offset and time of events applied; a row repeated keeps its latest."""
+        np.maximum.at(self.offsets, rows, offsets)
+        np.maximum.at(self.times, rows, times)
+
+    def time_of(self, key: StateKey) -> int | None:
+        row = self._rows.get(key)
+        return None if row is None else int(self.times[row])
+
+    def drop(self, keys: Iterable[StateKey], offsets: Iterable[int]) -> None:
+        """Remove keys for good (end, reset, expiry): each becomes a tombstone at the given offset."""
+        for key, offset in zip(keys, offsets):
             row = self._rows.pop(key, None)
             if row is not None:
-                self._free.append(row)
+                self._release(row)
+            self._dropped.append((key, offset))
+
+    def _release(self, row: int) -> None:
+        self._keys[row] = None
+        self.shards[row] = -1
+        self._dirty.discard(row)
+        self._free.append(row)
+
+    def forget_shard(self, shard: int) -> int:
+        """Remove a shard's keys from memory only (it moved elsewhere); its changelog stays as it is."""
+        rows = np.flatnonzero(self.shards == shard).tolist()
+        for row in rows:
+            del self._rows[self._keys[row]]
+            self._release(row)
+        self._dropped = [(key, offset) for key, offset in self._dropped if key[0] != shard]
+        return len(rows)
+
+    def expire(self, cutoffs: dict[int, int]) -> list[StateKey]:
+        """Drop the keys whose last event time is before their shard's cutoff; tombstoned at their offset."""
+        by_shard = np.full(max(cutoffs, default=0) + 2, np.iinfo(np.int64).min, dtype=np.int64)
+        for shard, cutoff in cutoffs.items():
+            by_shard[shard] = cutoff
+        shards = np.where(self.shards < len(by_shard), self.shards, -1)  # -1: free rows, never idle
+        rows = np.flatnonzero(self.times < by_shard[shards])
+        keys = [self._keys[row] for row in rows.tolist()]
+        self.drop(keys, self.offsets[rows].tolist())
+        return keys
+
+    def live_shards(self) -> list[int]:
+        return np.unique(self.shards[self.shards >= 0]).tolist()
+
+    def latest_time(self, shard: int) -> int | None:
+        """The newest event time among a shard's keys: the shard's stream time."""
+        mine = self.shards == shard
+        return int(self.times[mine].max()) if mine.any() else None
+
+    def export(self, rows: Sequence[int]) -> Rows:
+        idx = torch.tensor(rows, dtype=torch.int64)
+        h, c = self.gather(idx)
+        return Rows([self._keys[r] for r in rows], h.cpu().numpy(), c.cpu().numpy(), self.steps[idx].numpy(),
+                    self.offsets[rows], self.times[rows])
+
+    def take_changes(self) -> Changes:
+        changed = self.export(sorted(self._dirty))
+        dropped = self._dropped
+        self._dirty, self._dropped = set(), []
+        return Changes(dropped, changed)
+
+    def load(self, state: Rows) -> None:
+        """Install restored keys, replacing whatever the table held for them; they count as unchanged."""
+        rows = self.rows(state.keys)
+        idx = rows.to(self.device)
+        self.h.index_copy_(1, idx, torch.from_numpy(state.h).to(self.device))
+        self.c.index_copy_(1, idx, torch.from_numpy(state.c).to(self.device))
+        self.steps[rows] = torch.from_numpy(state.steps)
+        self.offsets[rows.numpy()] = state.offsets
+        self.times[rows.numpy()] = state.times
+        self._dirty.difference_update(rows.tolist())

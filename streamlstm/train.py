@@ -24,7 +24,14 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .artifact import Artifact, load_artifact, save_artifact
 from .config import TrainConfig
-from .events import LABEL_FIELD, Event, EventDecoder, Rejection, decode_line, read_event_lines
+from .events import (
+    LABEL_FIELD,
+    Event,
+    EventDecoder,
+    Rejection,
+    decode_line,
+    read_event_lines,
+)
 from .model import LSTMForecaster, ModelSpec
 from .offline import score_events
 

@@ -72,7 +72,8 @@ class DaemonProcess:
             "kafka": {"bootstrap_servers": broker.bootstrap, "input_topic": self.topic,
                       "output_topic": f"{self.topic}-out", "dlq_topic": f"{self.topic}-dlq",
                       "group_id": f"{self.topic}-group", "session_timeout_ms": 6000,
-                      "heartbeat_interval_ms": 1000, "topic_partitions": 4, "commit_interval_ms": 200},
+                      "heartbeat_interval_ms": 1000, "topic_partitions": 4},
+            "state": {"checkpoint_interval_ms": 200},
             "model": {"path": str(model), "device": "cpu"},
             "http": {"host": "127.0.0.1", "port": self.port},
         }

@@ -6,9 +6,15 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import make_model
-from streamlstm.artifact import META_FILE, WEIGHTS_FILE, ArtifactError, load_artifact, save_artifact
+
+from streamlstm.artifact import (
+    META_FILE,
+    WEIGHTS_FILE,
+    ArtifactError,
+    load_artifact,
+    save_artifact,
+)
 
 
 def test_round_trip_keeps_weights_spec_and_version(tmp_path):

@@ -47,7 +47,7 @@ def test_a_string_key_keeps_text_that_looks_like_a_number():
     (["http.port=eighty"], {}, "http.port"),
     ([], {"STREAMLSTM_KAFKA__CREATE_TOPICS": "perhaps"}, "kafka.create_topics"),
     (["http.port=70000"], {}, "http.port"),
-    (["kafka.commit_interval_ms=-5"], {}, "kafka.commit_interval_ms"),
+    (["state.checkpoint_interval_ms=-5"], {}, "state.checkpoint_interval_ms"),
     (["model.device=tpu"], {}, "model.device"),
     (["no-equals-sign"], {}, "section.key=value"),
 ])

@@ -14,6 +14,12 @@ def test_list_and_named_features_decode_in_model_order():
     assert decoder.decode("ключ".encode(), b'{"features": {"b": 2, "a": 1}}') == Event("ключ", [1.0, 2.0], None)
 
 
+def test_control_fields_may_come_with_or_without_features():
+    assert decoder.decode(b"k", b'{"features": [1, 2], "reset": true}') == Event("k", [1.0, 2.0], None, reset=True)
+    assert decoder.decode(b"k", b'{"end": true, "ts": 3}') == Event("k", None, 3, end=True)
+    assert decoder.decode(b"k", b'{"reset": true}') == Event("k", None, None, reset=True)
+
+
 @pytest.mark.parametrize("key,value,reason", [
     (None, b'{"features": [1, 2]}', "bad_key"),
     (b"", b'{"features": [1, 2]}', "bad_key"),
@@ -24,6 +30,9 @@ def test_list_and_named_features_decode_in_model_order():
     (b"k", b"[1, 2]", "not_object"),
     (b"k", b'{"features": [1, 2], "colour": 1}', "unknown_field"),
     (b"k", b'{"ts": 5}', "missing_features"),
+    (b"k", b'{"ts": 5, "reset": false}', "missing_features"),
+    (b"k", b'{"features": [1, 2], "end": 1}', "bad_control"),
+    (b"k", b'{"reset": "yes"}', "bad_control"),
     (b"k", b'{"features": "1,2"}', "missing_features"),
     (b"k", b'{"features": [1]}', "wrong_feature_count"),
     (b"k", b'{"features": {"a": 1, "b": 2, "c": 3}}', "unknown_feature"),

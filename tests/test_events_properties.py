@@ -17,7 +17,7 @@ finite = st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**53)
 json_values = st.recursive(
     st.none() | st.booleans() | finite | st.sampled_from([math.nan, math.inf, 10**400]) | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.sampled_from(["features", "ts", "load", "temp", "hour", "x"]), inner, max_size=4),
+    | st.dictionaries(st.sampled_from(["features", "ts", "load", "temp", "hour", "reset", "end", "x"]), inner, max_size=4),
     max_leaves=12,
 )
 
@@ -29,6 +29,9 @@ def valid_events(draw):
     body = {"features": features}
     if draw(st.booleans()):
         body["ts"] = draw(st.integers(0, 2**62))
+    for control in ("reset", "end"):
+        if draw(st.booleans()):
+            body[control] = draw(st.booleans())
     return draw(st.text(min_size=1, max_size=20)), body, values
 
 
@@ -37,7 +40,8 @@ def valid_events(draw):
 def test_valid_events_decode_exactly(case):
     key, body, values = case
     decoded = decoder.decode(key.encode(), json.dumps(body).encode())
-    assert decoded == Event(key, [float(v) for v in values], body.get("ts"))
+    assert decoded == Event(key, [float(v) for v in values], body.get("ts"), body.get("reset", False),
+                            body.get("end", False))
 
 
 def _break(body: dict, how: str, junk) -> tuple[dict | list | str, str]:
@@ -46,7 +50,9 @@ def _break(body: dict, how: str, junk) -> tuple[dict | list | str, str]:
     if how == "extra_field":
         return {**body, "colour": junk}, "unknown_field"
     if how == "no_features":
-        return {k: v for k, v in body.items() if k != "features"}, "missing_features"
+        return {k: v for k, v in body.items() if k not in ("features", "reset", "end")}, "missing_features"
+    if how == "control":
+        return {**body, "reset": junk}, "bad_control"
     if how == "count":
         return {**body, "features": features + [1.0]}, "wrong_feature_count"
     if how == "unknown_name":
@@ -64,7 +70,7 @@ def _break(body: dict, how: str, junk) -> tuple[dict | list | str, str]:
     raise AssertionError(how)
 
 
-HOWS = ["extra_field", "no_features", "count", "unknown_name", "missing_name", "text_value", "ts", "not_object"]
+HOWS = ["extra_field", "no_features", "control", "count", "unknown_name", "missing_name", "text_value", "ts", "not_object"]
 
 
 @SETTINGS

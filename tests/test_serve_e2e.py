@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import consume_exactly, event_value, http_get, produce
+
 from streamlstm.config import KafkaConfig
 from streamlstm.kafka_io import DLQ_REASON, DLQ_SOURCE, ensure_topics
 
@@ -92,8 +92,8 @@ def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker
     assert all(originals[v] == reasons[r] for r, v in BAD_VALUES.items())  # bytes untouched
     assert all(dict(r.headers)[DLQ_SOURCE].decode().startswith(daemon.topic + "/") for r in dead)
 
-    daemon.wait_for(lambda: metric(http_get(daemon.port, "/metrics")[1], "streamlstm_commits_total") > 0,
-                    10, "a commit")
+    daemon.wait_for(lambda: metric(http_get(daemon.port, "/metrics")[1], "streamlstm_checkpoints_total") > 0,
+                    10, "a checkpoint")
     text = http_get(daemon.port, "/metrics")[1]
     assert metric(text, "streamlstm_events_consumed_total") == len(stream)
     assert metric(text, "streamlstm_predictions_produced_total") == GOOD_EVENTS

@@ -16,22 +16,51 @@ CPU = torch.device("cpu")
 
 def test_new_keys_start_at_zero_and_rows_are_stable_across_growth():
     table = StateTable(num_layers=2, hidden_size=4, device=CPU, capacity=2)
-    rows = table.rows(["a", "b"])
+    rows = table.rows([(0, "a"), (0, "b")])
     table.scatter(rows, torch.ones(2, 2, 4), torch.ones(2, 2, 4))
-    more = table.rows(["c", "d", "e", "a"])  # grows twice
+    more = table.rows([(0, "c"), (1, "d"), (1, "e"), (0, "a")])  # grows twice
     assert len(table) == 5 and more[-1] == rows[0]
     h, c = table.gather(more)
     assert h[:, :3].abs().sum() == 0 and c[:, :3].abs().sum() == 0
     assert torch.equal(h[:, 3], torch.ones(2, 4))
 
 
-def test_a_dropped_key_comes_back_zeroed():
+def test_a_dropped_key_comes_back_zeroed_and_its_tombstone_precedes_its_new_state():
     table = StateTable(num_layers=1, hidden_size=3, device=CPU, capacity=4)
-    rows = table.rows(["a"])
+    rows = table.rows([(0, "a")])
     assert table.scatter(rows, torch.ones(1, 1, 3), torch.ones(1, 1, 3)).tolist() == [1]
-    table.drop(["a"])
-    h, _ = table.gather(table.rows(["a"]))
+    table.drop([(0, "a")], [7])
+    rows = table.rows([(0, "a")])
+    h, _ = table.gather(rows)
     assert h.abs().sum() == 0 and len(table) == 1
+    table.scatter(rows, torch.ones(1, 1, 3), torch.ones(1, 1, 3))
+    changes = table.take_changes()
+    assert changes.dropped == [((0, "a"), 7)] and changes.changed.keys == [(0, "a")]
+    assert changes.changed.steps.tolist() == [1]
+    empty = table.take_changes()
+    assert empty.dropped == [] and empty.changed.keys == []
+
+
+def test_forgetting_a_shard_removes_its_keys_without_tombstones():
+    table = StateTable(num_layers=1, hidden_size=2, device=CPU, capacity=2)
+    rows = table.rows([(0, "a"), (1, "a"), (1, "b")])
+    table.scatter(rows, torch.ones(1, 3, 2), torch.ones(1, 3, 2))
+    table.drop([(1, "b")], [3])
+    assert table.forget_shard(1) == 1
+    changes = table.take_changes()
+    assert changes.dropped == [] and changes.changed.keys == [(0, "a")]
+    assert table.row((1, "a")) is None and table.row((0, "a")) is not None
+
+
+def test_keys_idle_past_their_shards_cutoff_expire_with_a_tombstone_at_their_last_offset():
+    table = StateTable(num_layers=1, hidden_size=2, device=CPU)
+    rows = table.rows([(0, "old"), (0, "new"), (1, "old")])
+    table.stamp(rows.numpy(), np.array([10, 11, 12]), np.array([1_000, 9_000, 1_000]))
+    table.take_changes()
+    assert table.latest_time(0) == 9_000 and table.live_shards() == [0, 1]
+    assert table.expire({0: 5_000}) == [(0, "old")]
+    assert table.take_changes().dropped == [((0, "old"), 10)]
+    assert len(table) == 2
 
 
 def test_a_key_repeated_in_a_poll_advances_once_per_step_in_order():
@@ -40,19 +69,21 @@ def test_a_key_repeated_in_a_poll_advances_once_per_step_in_order():
     assert all(len(set(np.array(["a", "b", "a", "c", "a", "b"])[r])) == len(r) for r in rounds)
 
 
-def test_streaming_in_random_polls_equals_offline_whole_sequences(model_dir):
+def test_streaming_in_random_polls_equals_offline_whole_sequences_with_resets(model_dir):
     artifact = load_artifact(model_dir)
     rng = random.Random(7)
-    events = [Event(f"k{rng.randrange(40)}", [rng.gauss(10, 3), rng.gauss(20, 5), rng.randrange(24)], None)
+    events = [Event(f"k{rng.randrange(40)}", [rng.gauss(10, 3), rng.gauss(20, 5), rng.randrange(24)], None,
+                    reset=rng.random() < 0.01)
               for _ in range(2000)]
     predictor = StreamingPredictor(artifact, CPU)
     outputs, steps, i = [], [], 0
     while i < len(events):
         chunk = events[i : i + rng.randrange(1, 300)]
         i += len(chunk)
-        p, s = predictor.advance([e.key for e in chunk], [e.features for e in chunk])
-        outputs.append(p)
-        steps.append(s)
+        result = predictor.advance([(0, e.key) for e in chunk], [e.features for e in chunk],
+                                   np.array([e.reset for e in chunk]))
+        outputs.append(result.predictions)
+        steps.append(result.steps)
     expected, expected_steps = score_events(artifact, events)
     np.testing.assert_allclose(np.concatenate(outputs), expected, atol=1e-5, rtol=0)
     assert np.array_equal(np.concatenate(steps), expected_steps)

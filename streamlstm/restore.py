@@ -1,0 +1,127 @@
+"""Restore: each newly assigned partition's keys are rebuilt from its changelog partition.
+
+Only the partitions being restored are paused; the others keep flowing, because the changelog is read
+a poll at a time between input polls, by a consumer of its own. A partition this daemon already held
+before a rebalance keeps its in-memory state when consumption resumes exactly where that state stands.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kafka import TopicPartition
+
+from .changelog import PartitionRestore
+from .kafka_io import ChangelogReader, KafkaIO
+from .metrics import Metrics
+from .state import StateTable
+
+log = logging.getLogger(__name__)
+
+RESTORE_POLL_MS = 50
+
+
+class Restorer:
+    def __init__(self, io: KafkaIO, reader: ChangelogReader, table: StateTable, metrics: Metrics,
+                 num_layers: int, hidden_size: int) -> None:
+        self.io = io
+        self.reader = reader
+        self.table = table
+        self.metrics = metrics
+        self.shape = (num_layers, hidden_size)
+        self.assigned: set[TopicPartition] = set()
+        self.restored_once = False  # every partition of an assignment (even an empty one) is restored
+        self._waiting: set[TopicPartition] = set()
+        self._active: dict[int, tuple[PartitionRestore, float]] = {}
+        self._reflects: dict[TopicPartition, int] = {}  # next input offset the in-memory state stands at
+        self._kept: dict[TopicPartition, int] = {}
+        self._assignments = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        """Remember where each partition's state stands, in case the group gives it straight back."""
+        for tp in partitions:
+            self._cancel(tp)
+            done = self.io.done(tp)
+            stands = done if done is not None else self._reflects.get(tp)
+            if stands is not None:
+                self._kept[tp] = stands
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        for tp in self.assigned - partitions:
+            self.table.forget_shard(tp.partition)
+            self._kept.pop(tp, None)
+        self.assigned = set(partitions)
+        self._waiting = set(partitions)
+        self._assignments += 1
+        self.io.pause(self._waiting)
+        self.metrics.restoring.set(len(self._waiting))
+
+    def on_lost(self, partitions: set[TopicPartition]) -> None:
+        """Another member owns them now: drop their state unwritten, it may be ahead of the commit."""
+        for tp in partitions:
+            self._cancel(tp)
+            self.table.forget_shard(tp.partition)
+            self._kept.pop(tp, None)
+            self._reflects.pop(tp, None)
+        self.assigned -= partitions
+
+    def _cancel(self, tp: TopicPartition) -> None:
+        self._waiting.discard(tp)
+        if self._active.pop(tp.partition, None) is not None:
+            self.reader.stop({tp.partition})
+            self.table.forget_shard(tp.partition)
+
+    def step(self) -> None:
+        """Advance the restores a little; called between input polls."""
+        if self._waiting:
+            self._begin()
+        if self._active:
+            for record in self.reader.poll(RESTORE_POLL_MS):
+                self._active[record.partition][0].add(record.key, record.value, record.headers)
+            for partition in self.reader.caught_up() & self._active.keys():
+                self._finish(partition)
+        self.metrics.restoring.set(len(self._active))
+        if self._assignments and not self.busy:
+            self.restored_once = True
+
+    def _begin(self) -> None:
+        started = []
+        for tp in sorted(self._waiting):
+            cut = self.io.position(tp)
+            if self._kept.get(tp) == cut:
+                log.info("partition %d: state kept in memory, resuming at offset %d", tp.partition, cut)
+                self._reflects[tp] = cut
+                self.io.resume({tp})
+                continue
+            self.table.forget_shard(tp.partition)
+            self._active[tp.partition] = (PartitionRestore(tp.partition, cut), time.perf_counter())
+            started.append(tp.partition)
+        self._waiting.clear()
+        self._kept.clear()
+        if started:
+            self.reader.start(set(started))
+
+    def _finish(self, partition: int) -> None:
+        fold, started = self._active.pop(partition)
+        self.reader.stop({partition})
+        state, incompatible = fold.rows(*self.shape)
+        self.table.load(state)
+        tp = TopicPartition(self.io.cfg.input_topic, partition)
+        self._reflects[tp] = fold.cut
+        self.io.resume({tp})
+        m = self.metrics
+        seconds = time.perf_counter() - started
+        m.restore_duration.observe(seconds)
+        m.restored_keys.inc(len(state.keys))
+        m.restore_skipped.labels("beyond_cut").inc(fold.skipped_beyond_cut)
+        m.restore_skipped.labels("incompatible").inc(incompatible)
+        m.restore_skipped.labels("unreadable").inc(fold.unreadable)
+        m.live_keys.set(len(self.table))
+        log.info("partition %d: restored %d keys in %.2f s (cut at input offset %d; %d records beyond it, "
+                 "%d of another model's shape, %d unreadable)", partition, len(state.keys), seconds, fold.cut,
+                 fold.skipped_beyond_cut, incompatible, fold.unreadable)
