@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,6 +67,8 @@ class DaemonProcess:
     """`streamlstm serve` in a subprocess, configured for one test's topics."""
 
     def __init__(self, tmp: Path, broker: EmbeddedBroker, model: Path, **overrides: object) -> None:
+        self.tmp, self.broker, self.model = tmp, broker, model
+        self.family = [self]  # this daemon and its replicas, for cleanup
         self.topic = unique("events")
         self.port = free_port()
         self.config = {
@@ -89,23 +92,34 @@ class DaemonProcess:
     def kafka(self) -> dict:
         return self.config["kafka"]
 
-    def start(self, timeout_s: float = 60) -> DaemonProcess:
+    def replica(self) -> DaemonProcess:
+        """Another daemon in the same group, on the same topics, with its own port and log."""
+        other = DaemonProcess(self.tmp, self.broker, self.model)
+        other.topic = self.topic
+        other.config = {**self.config, "http": {**self.config["http"], "port": other.port}}
+        other.config_file = self.tmp / f"{unique('replica')}.yaml"
+        other.config_file.write_text(yaml.safe_dump(other.config))
+        other.log_file = other.config_file.with_suffix(".log")
+        other.family = self.family
+        self.family.append(other)
+        return other
+
+    def start(self, timeout_s: float = 60, wait_ready: bool = True) -> DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLSTM_")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamlstm", "serve", "--config", str(self.config_file)],
             stdout=open(self.log_file, "wb"), stderr=subprocess.STDOUT, env=env)
-        self.wait_for(lambda: http_get(self.port, "/readyz")[0] == 200, timeout_s, "daemon ready")
+        if wait_ready:
+            self.wait_for(lambda: http_get(self.port, "/readyz")[0] == 200, timeout_s, "daemon ready")
         return self
 
     def wait_for(self, condition, timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def alive_and(condition=condition) -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited ({self.proc.returncode}) waiting for {what}:\n{self.log()}")
-            if condition():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}:\n{self.log()}")
+            return condition()
+
+        wait_until(alive_and, timeout_s, what, self.log)
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace")[-5000:]
@@ -120,6 +134,26 @@ class DaemonProcess:
             self.proc.wait()
 
 
+def wait_until(condition, timeout_s: float, what: str, context=lambda: "") -> None:
+    """Poll a condition that an event will make true (a file, an HTTP answer, a metric)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}:\n{context()}")
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name}{labels} not in /metrics"
+    return float(match.group(1))
+
+
+def daemon_metric(daemon: DaemonProcess, name: str, labels: str = "") -> float:
+    return metric(http_get(daemon.port, "/metrics")[1], name, labels)
+
+
 @pytest.fixture
 def daemon_factory(tmp_path: Path, broker: EmbeddedBroker, model_dir: Path):
     started: list[DaemonProcess] = []
@@ -131,7 +165,8 @@ def daemon_factory(tmp_path: Path, broker: EmbeddedBroker, model_dir: Path):
 
     yield factory
     for d in started:
-        d.kill()
+        for member in d.family:
+            member.kill()
 
 
 def produce(broker: EmbeddedBroker, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
@@ -140,6 +175,35 @@ def produce(broker: EmbeddedBroker, topic: str, messages: list[tuple[bytes | Non
         producer.send(topic, key=key, value=value)
     producer.flush()
     producer.close()
+
+
+def read_all(broker: EmbeddedBroker, topic: str, timeout_s: float = 30) -> list:
+    """Every record of a topic up to its current end (fetch high watermarks), from the start."""
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    records: list = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=200).values():
+            records.extend(batch)
+        ends = [consumer.highwater(tp) for tp in partitions]
+        if None not in ends and all(consumer.position(tp) >= end for tp, end in zip(partitions, ends)):
+            break
+    consumer.close()
+    return records
+
+
+def offline_predictions(tmp_path: Path, model: Path, events: list[dict]) -> dict[tuple[str, int], dict]:
+    """`streamlstm predict` over the events (JSONL records with 'key'), by (key, step)."""
+    data = tmp_path / f"{unique('offline')}.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in events))
+    out = data.with_suffix(".out")
+    subprocess.run([sys.executable, "-m", "streamlstm", "predict", "--model", str(model), "--data", str(data),
+                    "--out", str(out)], check=True, timeout=120)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    return {(p["key"], p["step"]): p for p in lines if "prediction" in p}
 
 
 def consume_exactly(broker: EmbeddedBroker, topic: str, count: int, timeout_s: float = 60) -> list:

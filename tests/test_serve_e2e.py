@@ -10,7 +10,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import consume_exactly, event_value, http_get, produce
+from conftest import (
+    consume_exactly,
+    event_value,
+    http_get,
+    metric,
+    offline_predictions,
+    produce,
+)
 
 from streamlstm.config import KafkaConfig
 from streamlstm.kafka_io import DLQ_REASON, DLQ_SOURCE, ensure_topics
@@ -43,22 +50,6 @@ def workload(seed: int = 3):
             stream.append((key.encode(), BAD_VALUES[reason]))
     stream.append((None, event_value([1, 2, 3])))  # no key at all
     return good, stream
-
-
-def offline_predictions(tmp_path: Path, model: Path, good: list[dict]) -> dict[tuple[str, int], dict]:
-    data = tmp_path / "good.jsonl"
-    data.write_text("".join(json.dumps(e) + "\n" for e in good))
-    out = tmp_path / "offline.jsonl"
-    subprocess.run([sys.executable, "-m", "streamlstm", "predict", "--model", str(model), "--data", str(data),
-                    "--out", str(out)], check=True, timeout=120)
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    return {(p["key"], p["step"]): p for p in lines}
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
-    assert match, f"{name}{labels} not in /metrics"
-    return float(match.group(1))
 
 
 def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker, model_dir, daemon_factory):
@@ -121,10 +112,7 @@ def test_stop_signals_end_the_daemon_cleanly_and_commit(broker, daemon_factory, 
     log = daemon.log()
     assert "Traceback" not in log and "stopped" in log
 
-    again = daemon_factory()  # same group, same topics: a clean stop committed everything
-    again.config = daemon.config
-    again.config_file, again.port = daemon.config_file, daemon.port
-    again.start()
+    again = daemon.replica().start()  # same group, same topics: a clean stop committed everything
     produce(broker, daemon.topic, [(b"k3", event_value([1, 1, 1]))])
     assert len(consume_exactly(broker, daemon.kafka["output_topic"], 3)) == 3
     assert again.stop() == 0

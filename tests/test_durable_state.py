@@ -1,0 +1,190 @@
+"""Durable per-key state against the real embedded broker: crashes, rebalances, restarts, restore,
+reset/end control events and expiry. The reference is always `streamlstm predict` over each key's whole
+event sequence: a lost or doubled state step changes every later prediction of that key."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import threading
+import time
+from collections import defaultdict
+
+from conftest import (
+    daemon_metric,
+    event_value,
+    http_get,
+    offline_predictions,
+    produce,
+    read_all,
+    wait_until,
+)
+from kafka import KafkaProducer
+
+from streamlstm import changelog
+from streamlstm.config import KafkaConfig, StateConfig
+from streamlstm.kafka_io import ensure_changelog, ensure_topics
+
+BASE_TS = 1_700_000_000_000
+
+
+def make_events(n: int, keys: int, seed: int) -> list[dict]:
+    """Events of `keys` keys in random interleaving, each with a unique ts that identifies it."""
+    rng = random.Random(seed)
+    return [{"key": f"k{rng.randrange(keys) if i >= keys else i}",
+             "features": [round(rng.gauss(10, 3), 3), round(rng.gauss(20, 5), 3), rng.randrange(24)],
+             "ts": BASE_TS + i} for i in range(n)]
+
+
+class Feeder(threading.Thread):
+    """Produces events at a steady pace in the background, so daemons die mid-stream."""
+
+    def __init__(self, bootstrap: str, topic: str, events: list[dict], per_second: float) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.topic, self.events, self.per_second = bootstrap, topic, events, per_second
+        self.sent = 0
+
+    def run(self) -> None:
+        producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5)
+        started, chunk = time.monotonic(), max(int(self.per_second / 20), 1)
+        for start in range(0, len(self.events), chunk):
+            for e in self.events[start : start + chunk]:
+                producer.send(self.topic, key=e["key"].encode(), value=event_value(e["features"], e["ts"]))
+            self.sent = start + chunk
+            time.sleep(max(started + self.sent / self.per_second - time.monotonic(), 0))
+        producer.flush()
+        producer.close()
+
+
+def prepare(daemon) -> None:
+    kafka = KafkaConfig(**daemon.kafka)
+    ensure_topics(kafka)
+    ensure_changelog(kafka, StateConfig().changelog_for(kafka))
+
+
+def predictions_by_source(broker, topic: str, expected: int, timeout_s: float = 120) -> dict[int, list[dict]]:
+    """Every prediction published, grouped by the event's ts, once all `expected` events have one."""
+    found: dict[int, list[dict]] = {}
+
+    def complete() -> bool:
+        found.clear()
+        for record in read_all(broker, topic):
+            p = json.loads(record.value)
+            found.setdefault(p["event_ts"], []).append(p)
+        return len(found) >= expected
+
+    wait_until(complete, timeout_s, f"a prediction for each of {expected} events",
+               lambda: f"{len(found)} events predicted")
+    return found
+
+
+def assert_exact(tmp_path, model_dir, events: list[dict], found: dict[int, list[dict]]) -> int:
+    """Every event predicted; all predictions of one event identical; each equal to offline within 1e-5.
+
+    Returns how many duplicates there were.
+    """
+    expected = offline_predictions(tmp_path, model_dir, events)
+    step_of = {}
+    counts: dict[str, int] = defaultdict(int)
+    for e in events:
+        counts[e["key"]] += 1
+        step_of[e["ts"]] = (e["key"], counts[e["key"]])
+    assert set(found) == set(step_of), "events without a prediction"
+    duplicates = 0
+    for ts, predictions in found.items():
+        first = predictions[0]
+        assert all(p == first for p in predictions[1:]), f"event {ts}: differing duplicates {predictions}"
+        duplicates += len(predictions) - 1
+        key, step = step_of[ts]
+        assert (first["key"], first["step"]) == (key, step), f"event {ts}: step {first['step']}, expected {step}"
+        want = expected[(key, step)]["prediction"]
+        assert max(abs(a - b) for a, b in zip(first["prediction"], want)) <= 1e-5, (first, want)
+    return duplicates
+
+
+def test_kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice(tmp_path, broker, model_dir,
+                                                                            daemon_factory):
+    events = make_events(20_000, 1_000, seed=11)
+    daemon = daemon_factory()
+    prepare(daemon)
+    feeder = Feeder(broker.bootstrap, daemon.topic, events, per_second=400)
+    rng = random.Random(5)
+    daemon.start()
+    feeder.start()
+    kills = 0
+    while feeder.is_alive() or kills < 5:
+        time.sleep(rng.uniform(0.5, 2.5))
+        daemon.kill()  # SIGKILL: no checkpoint, no leaving the group
+        kills += 1
+        daemon = daemon.replica().start()
+    found = predictions_by_source(broker, daemon.kafka["output_topic"], len(events))
+    duplicates = assert_exact(tmp_path, model_dir, events, found)
+    assert kills >= 5 and duplicates > 0, "the crashes must have made the daemon repeat some work"
+    assert daemon_metric(daemon, "streamlstm_restored_keys_total") > 0
+
+
+def test_rebalances_as_daemons_die_and_join_keep_state_exact(tmp_path, broker, model_dir, daemon_factory):
+    events = make_events(12_000, 1_000, seed=12)
+    first = daemon_factory()
+    prepare(first)
+    group = [first.start(), first.replica().start(), first.replica().start()]
+    feeder = Feeder(broker.bootstrap, first.topic, events, per_second=600)
+    feeder.start()
+    wait_until(lambda: feeder.sent > 3_000, 30, "a quarter of the events sent")
+    group[1].kill()
+    wait_until(lambda: feeder.sent > 7_000, 30, "more events sent")
+    group.append(first.replica().start())
+    feeder.join()
+    found = predictions_by_source(broker, first.kafka["output_topic"], len(events))
+    assert_exact(tmp_path, model_dir, events, found)
+    assert daemon_metric(group[0], "streamlstm_rebalances_total") >= 4  # start, two joins, a death, a join
+    assert all(d.stop() == 0 for d in (group[0], group[2], group[3]))
+
+
+def test_sigterm_then_restart_repeats_nothing_and_state_carries_over(tmp_path, broker, model_dir, daemon_factory):
+    events = make_events(3_000, 200, seed=13)
+    daemon = daemon_factory()
+    prepare(daemon)
+    daemon.start()
+    as_messages = [(e["key"].encode(), event_value(e["features"], e["ts"])) for e in events]
+    produce(broker, daemon.topic, as_messages[:1_500])
+    predictions_by_source(broker, daemon.kafka["output_topic"], 1_500)
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in daemon.log()
+    again = daemon.replica().start()
+    produce(broker, daemon.topic, as_messages[1_500:])
+    found = predictions_by_source(broker, daemon.kafka["output_topic"], len(events))
+    assert assert_exact(tmp_path, model_dir, events, found) == 0
+    assert daemon_metric(again, "streamlstm_restored_keys_total") == 200
+    assert again.stop() == 0
+
+
+def test_restore_pauses_only_the_partition_being_restored(broker, daemon_factory):
+    """Partition 0's changelog is long; partition 1's events are predicted while it is still read."""
+    daemon = daemon_factory()
+    prepare(daemon)
+    topic = StateConfig().changelog_for(KafkaConfig(**daemon.kafka))
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=20, batch_size=262_144)
+    for i in range(150_000):  # records beyond any committed offset: read, then skipped
+        producer.send(topic, key=f"old-{i % 5000}".encode(), value=None, partition=0,
+                      headers=changelog.tombstone_headers(10**9))
+    for i in range(200):
+        producer.send(daemon.topic, key=f"p1-{i}".encode(), value=event_value([1, 2, 3]), partition=1)
+        producer.send(daemon.topic, key=f"p0-{i}".encode(), value=event_value([1, 2, 3]), partition=0)
+    producer.flush()
+    producer.close()
+
+    daemon.start(wait_ready=False)  # ready only after the restore
+    daemon.wait_for(lambda: http_get(daemon.port, "/metrics")[0] == 200
+                    and daemon_metric(daemon, "streamlstm_predictions_produced_total") >= 200, 60,
+                    "partition 1's predictions")
+    assert daemon_metric(daemon, "streamlstm_restoring_partitions") >= 1, "partition 0 finished restoring too soon"
+    assert http_get(daemon.port, "/readyz")[0] == 503
+    assert daemon_metric(daemon, "streamlstm_predictions_produced_total") == 200
+    sources = {json.loads(r.value)["source"]["partition"] for r in read_all(broker, daemon.kafka["output_topic"])}
+    assert sources == {1}
+    daemon.wait_for(lambda: daemon_metric(daemon, "streamlstm_predictions_produced_total") == 400, 60,
+                    "partition 0's predictions after its restore")
+    assert daemon_metric(daemon, "streamlstm_restore_skipped_records_total", '{reason="beyond_cut"}') == 150_000
+    assert daemon.stop() == 0
