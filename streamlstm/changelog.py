@@ -105,9 +105,8 @@ class PartitionRestore:
         n = len(keys)
         flat = np.frombuffer(b"".join(bodies), dtype="<f4").reshape(n, 2, num_layers, hidden_size)
         meta = np.array(headers, dtype=np.int64).reshape(n, 3)
-        state = Rows(keys, np.ascontiguousarray(flat[:, 0].transpose(1, 0, 2)),
-                     np.ascontiguousarray(flat[:, 1].transpose(1, 0, 2)), meta[:, 0].copy(), meta[:, 1].copy(),
-                     meta[:, 2].copy())
+        state = Rows(keys, flat[:, 0].transpose(1, 0, 2).copy(), flat[:, 1].transpose(1, 0, 2).copy(),
+                     meta[:, 0].copy(), meta[:, 1].copy(), meta[:, 2].copy())
         return state, mismatched
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,8 +39,8 @@ class Plan:
     steps: list[int] = field(default_factory=list)
     fresh: list[bool] = field(default_factory=list)
     times: list[int] = field(default_factory=list)
-    drops: dict[StateKey, tuple[int, str]] = field(default_factory=dict)  # key -> (offset, reason)
-    expired: int = 0
+    tombstones: dict[StateKey, int] = field(default_factory=dict)  # dropped at the batch's end, at this offset
+    dropped: Counter[str] = field(default_factory=Counter)  # by reason, including keys that came back
 
 
 class Daemon:
@@ -176,12 +177,9 @@ class Daemon:
                 io.send_prediction(record.key, encode_record(published))
                 m.latency.observe(max(now_ms - record.timestamp, 0.0) / 1000)
             m.predictions.inc(len(stepping))
-        if plan.drops:
-            self.predictor.table.drop(plan.drops.keys(), [offset for offset, _ in plan.drops.values()])
-            for _, reason in plan.drops.values():
-                m.dropped_keys.labels(reason).inc()
-        if plan.expired:
-            m.dropped_keys.labels("expired").inc(plan.expired)
+        self.predictor.table.drop(plan.tombstones.keys(), plan.tombstones.values())
+        for reason, count in plan.dropped.items():
+            m.dropped_keys.labels(reason).inc(count)
         m.live_keys.set(len(self.predictor.table))
 
     def _plan(self, keys: list[StateKey], accepted: list[tuple[ConsumerRecord, Event]]) -> Plan:
@@ -199,18 +197,20 @@ class Daemon:
             t = (record.timestamp if event.ts is None else event.ts) if event_clock else now_ms
             previous = last[key] if key in last else table.time_of(key)
             idle_too_long = bool(self.ttl_ms) and previous is not None and t - previous > self.ttl_ms
-            plan.expired += idle_too_long
+            plan.dropped["expired"] += idle_too_long
             if event.features is None:
-                plan.drops[key] = (record.offset, "reset" if event.reset else "end")
+                plan.tombstones[key] = record.offset
+                plan.dropped["reset" if event.reset else "end"] += 1
                 last[key] = None
                 continue
-            plan.drops.pop(key, None)
+            plan.tombstones.pop(key, None)
             plan.steps.append(i)
             plan.fresh.append(event.reset or idle_too_long or (key in last and last[key] is None))
             plan.times.append(t)
             last[key] = t
             if event.end:
-                plan.drops[key] = (record.offset, "end")
+                plan.tombstones[key] = record.offset
+                plan.dropped["end"] += 1
                 last[key] = None
         return plan
 

@@ -195,15 +195,15 @@ def read_all(broker: EmbeddedBroker, topic: str, timeout_s: float = 30) -> list:
     return records
 
 
-def offline_predictions(tmp_path: Path, model: Path, events: list[dict]) -> dict[tuple[str, int], dict]:
-    """`streamlstm predict` over the events (JSONL records with 'key'), by (key, step)."""
+def offline_predictions(tmp_path: Path, model: Path, events: list[dict]) -> dict[int, dict]:
+    """`streamlstm predict` over the events (JSONL records with 'key' and a unique 'ts'), by ts."""
     data = tmp_path / f"{unique('offline')}.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in events))
     out = data.with_suffix(".out")
     subprocess.run([sys.executable, "-m", "streamlstm", "predict", "--model", str(model), "--data", str(data),
                     "--out", str(out)], check=True, timeout=120)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    return {(p["key"], p["step"]): p for p in lines if "prediction" in p}
+    return {p["event_ts"]: p for p in lines if "prediction" in p}
 
 
 def consume_exactly(broker: EmbeddedBroker, topic: str, count: int, timeout_s: float = 60) -> list:

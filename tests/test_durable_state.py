@@ -98,7 +98,7 @@ def assert_exact(tmp_path, model_dir, events: list[dict], found: dict[int, list[
         duplicates += len(predictions) - 1
         key, step = step_of[ts]
         assert (first["key"], first["step"]) == (key, step), f"event {ts}: step {first['step']}, expected {step}"
-        want = expected[(key, step)]["prediction"]
+        want = expected[ts]["prediction"]
         assert max(abs(a - b) for a, b in zip(first["prediction"], want)) <= 1e-5, (first, want)
     return duplicates
 

@@ -69,8 +69,8 @@ def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker
     for record in published:
         p = json.loads(record.value)
         assert record.key.decode() == p["key"]
-        want = expected[(p["key"], p["step"])]
-        assert p["event_ts"] == want["event_ts"], "prediction published for the wrong event"
+        want = expected[p["event_ts"]]
+        assert (p["key"], p["step"]) == (want["key"], want["step"]), "prediction published for the wrong event"
         assert p["source"]["topic"] == daemon.topic and p["model_version"] == want["model_version"]
         worst = max(worst, max(abs(a - b) for a, b in zip(p["prediction"], want["prediction"])))
         seen.add((p["source"]["partition"], p["source"]["offset"]))
