@@ -6,6 +6,7 @@ declared, or a value of the wrong type, is an error naming the key and where the
 
 import dataclasses
 import os
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,11 @@ class KafkaConfig:
     poll_timeout_ms: int = 100
     fetch_max_wait_ms: int = 20
     processing_guarantee: str = "at_least_once"
+    transactional_id: str = ""
+
+    def transactional_id_or_default(self) -> str:
+        """Stable per instance, so a restarted instance fences its predecessor and aborts its transaction."""
+        return self.transactional_id or f"{self.group_id}-{socket.gethostname()}"
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ class Daemon:
     def on_lost(self, partitions: set[TopicPartition]) -> None:
         self.metrics.partitions_lost.inc(len(partitions))
         self.restorer.on_lost(partitions)
+        self.io.abort()
         self.io.forget(partitions)
         log.warning("lost partitions %s without committing (group membership lost); their state is dropped "
                     "and will be restored by their new owner", sorted(tp.partition for tp in partitions))

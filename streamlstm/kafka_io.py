@@ -83,6 +83,11 @@ def ensure_changelog(cfg: KafkaConfig, changelog: str) -> int:
         admin.close()
 
 
+def isolation_level(cfg: KafkaConfig) -> str:
+    """Under exactly_once, records of aborted transactions (ours or upstream's) are never read."""
+    return "read_committed" if cfg.processing_guarantee == "exactly_once" else "read_uncommitted"
+
+
 class Rebalance(Protocol):
     """What the owner of per-partition state does when the group moves partitions.
 
@@ -101,18 +106,24 @@ class KafkaIO:
 
     def __init__(self, cfg: KafkaConfig, rebalance: Rebalance) -> None:
         self.cfg = cfg
+        self.transactional = cfg.processing_guarantee == "exactly_once"
+        self._in_transaction = False
         self._done: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._send_error: Exception | None = None
         self.producer = KafkaProducer(
             bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-producer",
             acks="all", linger_ms=5,
+            transactional_id=cfg.transactional_id_or_default() if self.transactional else None,
         )
+        if self.transactional:
+            self.producer.init_transactions()  # fences a predecessor with our id, aborting its transaction
         self.consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers, client_id=cfg.client_id, group_id=cfg.group_id,
             enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
             session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
             max_poll_records=cfg.max_poll_records, fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+            isolation_level=isolation_level(cfg),
         )
         self.consumer.subscribe([cfg.input_topic], listener=_Listener(rebalance))
 
@@ -122,8 +133,15 @@ class KafkaIO:
         batches = self.consumer.poll(timeout_ms=timeout, max_records=self.cfg.max_poll_records)
         return [record for records in batches.values() for record in records]
 
+    def _send(self, topic: str, **record: object) -> None:
+        """Under exactly_once, everything sent between two checkpoints is one transaction."""
+        if self.transactional and not self._in_transaction:
+            self.producer.begin_transaction()
+            self._in_transaction = True
+        self.producer.send(topic, **record).add_errback(self._failed)
+
     def send_prediction(self, key: bytes, value: bytes) -> None:
-        self.producer.send(self.cfg.output_topic, key=key, value=value).add_errback(self._failed)
+        self._send(self.cfg.output_topic, key=key, value=value)
 
     def send_dead_letter(self, record: ConsumerRecord, reason: str, detail: str) -> None:
         """The original key and value bytes, untouched; why and where from in the headers."""
@@ -132,14 +150,12 @@ class KafkaIO:
             (DLQ_DETAIL, detail.encode("utf-8", "replace")),
             (DLQ_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
         ]
-        self.producer.send(self.cfg.dlq_topic, key=record.key, value=record.value, headers=headers).add_errback(
-            self._failed)
+        self._send(self.cfg.dlq_topic, key=record.key, value=record.value, headers=headers)
 
     def send_state(self, topic: str, partition: int, key: bytes, value: bytes | None,
                    headers: list[tuple[str, bytes]] | None = None) -> None:
         """A changelog record, into the partition that matches the key's input partition."""
-        self.producer.send(topic, key=key, value=value, partition=partition, headers=headers).add_errback(
-            self._failed)
+        self._send(topic, key=key, value=value, partition=partition, headers=headers)
 
     def _failed(self, exc: Exception) -> None:
         self._send_error = self._send_error or exc
@@ -168,16 +184,45 @@ class KafkaIO:
                                 "after it are not committed and will be consumed again")
 
     def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        """Commit offsets whose records the broker has acknowledged (call flush first)."""
-        if offsets:
+        """Commit offsets whose records the broker has acknowledged (call flush first).
+
+        Under exactly_once the offsets join the open transaction, which then commits as a whole.
+        """
+        if self.transactional:
+            self._commit_transaction(offsets)
+        elif offsets:
             self.consumer.commit(offsets)
-            self._remember(offsets)
+        self._remember(offsets)
+
+    def _commit_transaction(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        if offsets and not self._in_transaction:
+            self.producer.begin_transaction()
+            self._in_transaction = True
+        if not self._in_transaction:
+            return
+        if offsets:
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+        self.producer.commit_transaction()
+        self._in_transaction = False
+
+    def abort(self) -> None:
+        """Drop the open transaction (exactly_once): its outputs are never visible to read_committed."""
+        if self._in_transaction:
+            self.producer.abort_transaction()
+            self._in_transaction = False
 
     def commit_revoked(self, partitions: set[TopicPartition]) -> None:
         """Flush and commit partitions being taken away, before the new owner starts on them.
 
         Called on the consumer's IO thread: the producer flush may block, the commit must be async.
+        Under exactly_once the whole transaction commits (it spans every partition's outputs).
         """
+        if self.transactional:
+            offsets = self.pending()
+            self._commit_transaction(offsets)
+            self._remember(offsets)
+            self.forget(partitions)
+            return
         offsets = self.pending(partitions)
         try:
             self.flush()
@@ -234,6 +279,7 @@ class ChangelogReader:
         self.consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-restore", group_id=None,
             enable_auto_commit=False, max_poll_records=cfg.max_poll_records, fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+            isolation_level=isolation_level(cfg),
         )
 
     def start(self, partitions: set[int]) -> None:

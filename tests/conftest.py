@@ -177,9 +177,11 @@ def produce(broker: EmbeddedBroker, topic: str, messages: list[tuple[bytes | Non
     producer.close()
 
 
-def read_all(broker: EmbeddedBroker, topic: str, timeout_s: float = 30) -> list:
+def read_all(broker: EmbeddedBroker, topic: str, timeout_s: float = 30,
+             isolation_level: str = "read_uncommitted") -> list:
     """Every record of a topic up to its current end (fetch high watermarks), from the start."""
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
+                             isolation_level=isolation_level)
     partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)

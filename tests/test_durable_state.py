@@ -11,6 +11,7 @@ import threading
 import time
 from collections import defaultdict
 
+import pytest
 from conftest import (
     daemon_metric,
     event_value,
@@ -18,6 +19,7 @@ from conftest import (
     offline_predictions,
     produce,
     read_all,
+    unique,
     wait_until,
 )
 from kafka import KafkaProducer
@@ -63,13 +65,14 @@ def prepare(daemon) -> None:
     ensure_changelog(kafka, StateConfig().changelog_for(kafka))
 
 
-def predictions_by_source(broker, topic: str, expected: int, timeout_s: float = 120) -> dict[int, list[dict]]:
+def predictions_by_source(broker, topic: str, expected: int, timeout_s: float = 120,
+                          isolation_level: str = "read_uncommitted") -> dict[int, list[dict]]:
     """Every prediction published, grouped by the event's ts, once all `expected` events have one."""
     found: dict[int, list[dict]] = {}
 
     def complete() -> bool:
         found.clear()
-        for record in read_all(broker, topic):
+        for record in read_all(broker, topic, isolation_level=isolation_level):
             p = json.loads(record.value)
             found.setdefault(p["event_ts"], []).append(p)
         return len(found) >= expected
@@ -103,10 +106,11 @@ def assert_exact(tmp_path, model_dir, events: list[dict], found: dict[int, list[
     return duplicates
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice(tmp_path, broker, model_dir,
-                                                                            daemon_factory):
+                                                                            daemon_factory, guarantee):
     events = make_events(20_000, 1_000, seed=11)
-    daemon = daemon_factory()
+    daemon = daemon_factory(kafka__processing_guarantee=guarantee, kafka__transactional_id=unique("txn"))
     prepare(daemon)
     feeder = Feeder(broker.bootstrap, daemon.topic, events, per_second=400)
     rng = random.Random(5)
@@ -118,10 +122,16 @@ def test_kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice(tmp_pa
         daemon.kill()  # SIGKILL: no checkpoint, no leaving the group
         kills += 1
         daemon = daemon.replica().start()
-    found = predictions_by_source(broker, daemon.kafka["output_topic"], len(events))
+    committed = "read_committed" if guarantee == "exactly_once" else "read_uncommitted"
+    found = predictions_by_source(broker, daemon.kafka["output_topic"], len(events), isolation_level=committed)
     duplicates = assert_exact(tmp_path, model_dir, events, found)
-    assert kills >= 5 and duplicates > 0, "the crashes must have made the daemon repeat some work"
-    assert daemon_metric(daemon, "streamlstm_restored_keys_total") > 0
+    assert kills >= 5 and daemon_metric(daemon, "streamlstm_restored_keys_total") > 0
+    if guarantee == "at_least_once":
+        assert duplicates > 0, "the crashes must have made the daemon repeat some work"
+    elif duplicates:
+        pytest.xfail(f"{duplicates} duplicates from aborted transactions reached a read_committed consumer: "
+                     "Tansu 0.6.0 sends no aborted_transactions in fetch responses "
+                     "(benchmarks/tansu_transactions.py, checks 3a and 7b)")
 
 
 def test_rebalances_as_daemons_die_and_join_keep_state_exact(tmp_path, broker, model_dir, daemon_factory):
