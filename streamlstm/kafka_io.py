@@ -113,7 +113,7 @@ class KafkaIO:
         self._send_error: Exception | None = None
         self.producer = KafkaProducer(
             bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-producer",
-            acks="all", linger_ms=5,
+            acks="all", linger_ms=5, batch_size=256 * 1024,  # a checkpoint writes many state records at once
             transactional_id=cfg.transactional_id_or_default() if self.transactional else None,
         )
         if self.transactional:

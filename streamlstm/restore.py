@@ -45,7 +45,8 @@ class Restorer:
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         """Remember where each partition's state stands, in case the group gives it straight back."""
         for tp in partitions:
-            self._cancel(tp)
+            if self._cancel(tp):
+                continue
             done = self.io.done(tp)
             stands = done if done is not None else self._reflects.get(tp)
             if stands is not None:
@@ -70,11 +71,16 @@ class Restorer:
             self._reflects.pop(tp, None)
         self.assigned -= partitions
 
-    def _cancel(self, tp: TopicPartition) -> None:
-        self._waiting.discard(tp)
+    def _cancel(self, tp: TopicPartition) -> bool:
+        """Abandon a partition's pending or running restore; returns whether there was one."""
         if self._active.pop(tp.partition, None) is not None:
             self.reader.stop({tp.partition})
             self.table.forget_shard(tp.partition)
+            return True
+        if tp in self._waiting:
+            self._waiting.discard(tp)
+            return True
+        return False
 
     def step(self) -> None:
         """Advance the restores a little; called between input polls."""

@@ -65,45 +65,51 @@ class StateTable:
     def rows(self, keys: Sequence[StateKey]) -> torch.Tensor:
         """Row index of each key, giving a key seen for the first time a zeroed row."""
         rows = self._rows
-        out = []
+        out, new = [], []
         for key in keys:
             row = rows.get(key)
-            out.append(self._admit(key) if row is None else row)
+            if row is None:
+                row = self._admit(key)
+                new.append(row)
+            out.append(row)
+        if new:
+            self._clear(new)
         return torch.tensor(out, dtype=torch.int64)
 
     def _admit(self, key: StateKey) -> int:
         if not self._free:
-            self._grow()
+            self._grow(2 * len(self._keys))
         row = self._free.pop()
-        self._clear(row)
         self._rows[key] = row
         self._keys[row] = key
         self.shards[row] = key[0]
         return row
 
-    def _clear(self, row: int) -> None:
-        self.h[:, row].zero_()
-        self.c[:, row].zero_()
-        self.steps[row] = 0
-        self.offsets[row] = -1
-        self.times[row] = 0
+    def _clear(self, rows: list[int]) -> None:
+        idx = torch.tensor(rows, dtype=torch.int64)
+        dev = idx.to(self.device, non_blocking=True)
+        self.h.index_fill_(1, dev, 0.0)
+        self.c.index_fill_(1, dev, 0.0)
+        self.steps[idx] = 0
+        self.offsets[rows] = -1
+        self.times[rows] = 0
 
-    def _grow(self) -> None:
-        """Double the capacity; amortised, so admitting keys stays O(1)."""
-        old = self.h.shape[1]
-        self.h = torch.cat([self.h, torch.zeros_like(self.h)], dim=1)
-        self.c = torch.cat([self.c, torch.zeros_like(self.c)], dim=1)
-        self.steps = torch.cat([self.steps, torch.zeros_like(self.steps)])
-        self.offsets = np.concatenate([self.offsets, np.full(old, -1, dtype=np.int64)])
-        self.times = np.concatenate([self.times, np.zeros(old, dtype=np.int64)])
-        self.shards = np.concatenate([self.shards, np.full(old, -1, dtype=np.int64)])
-        self._keys.extend([None] * old)
-        self._free.extend(range(2 * old - 1, old - 1, -1))
+    def _grow(self, capacity: int) -> None:
+        """Grow to `capacity` rows (admitting doubles it: amortised O(1) per key)."""
+        old = len(self._keys)
+        extra = capacity - old
+        self.h = torch.cat([self.h, self.h.new_zeros(self.h.shape[0], extra, self.h.shape[2])], dim=1)
+        self.c = torch.cat([self.c, self.c.new_zeros(self.c.shape[0], extra, self.c.shape[2])], dim=1)
+        self.steps = torch.cat([self.steps, self.steps.new_zeros(extra)])
+        self.offsets = np.concatenate([self.offsets, np.full(extra, -1, dtype=np.int64)])
+        self.times = np.concatenate([self.times, np.zeros(extra, dtype=np.int64)])
+        self.shards = np.concatenate([self.shards, np.full(extra, -1, dtype=np.int64)])
+        self._keys.extend([None] * extra)
+        self._free.extend(range(capacity - 1, old - 1, -1))
 
-    def reset(self, rows: Iterable[int]) -> None:
+    def reset(self, rows: list[int]) -> None:
         """Zero rows in place (a reset, or an expired key seen again): the key starts over."""
-        for row in rows:
-            self._clear(row)
+        self._clear(rows)
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = rows.to(self.device, non_blocking=True)
@@ -186,6 +192,9 @@ class StateTable:
 
     def load(self, state: Rows) -> None:
         """Install restored keys, replacing whatever the table held for them; they count as unchanged."""
+        needed = len(self._rows) + len(state.keys)
+        if needed > len(self._keys):
+            self._grow(needed)
         rows = self.rows(state.keys)
         idx = rows.to(self.device)
         self.h.index_copy_(1, idx, torch.from_numpy(state.h).to(self.device))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -22,7 +24,8 @@ from conftest import (
     unique,
     wait_until,
 )
-from kafka import KafkaProducer
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import NewTopic
 
 from streamlstm import changelog
 from streamlstm.config import KafkaConfig, StateConfig
@@ -198,3 +201,18 @@ def test_restore_pauses_only_the_partition_being_restored(broker, daemon_factory
                     "partition 0's predictions after its restore")
     assert daemon_metric(daemon, "streamlstm_restore_skipped_records_total", '{reason="beyond_cut"}') == 150_000
     assert daemon.stop() == 0
+
+
+def test_a_changelog_with_another_partition_count_stops_startup_naming_it(broker, daemon_factory):
+    daemon = daemon_factory()
+    kafka = KafkaConfig(**daemon.kafka)
+    ensure_topics(kafka)  # 4 partitions
+    changelog_topic = StateConfig().changelog_for(kafka)
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    admin.create_topics([NewTopic(changelog_topic, 2, 1)])
+    admin.close()
+    result = subprocess.run([sys.executable, "-m", "streamlstm", "serve", "--config", str(daemon.config_file)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert f"changelog topic {changelog_topic!r} has 2 partitions but input topic" in result.stderr
+    assert "Traceback" not in result.stderr
