@@ -67,14 +67,16 @@ def source_offset(value: bytes | None, headers: Iterable[tuple[str, bytes]]) -> 
 class PartitionRestore:
     """Folds one changelog partition, in log order, into the state as of input offset `cut`.
 
-    For each key it keeps the newest record whose source offset is below `cut`: records written after
-    the last commit describe events that will be consumed again, so using them would apply those events
-    twice.
+    For each key it keeps the record with the highest source offset below `cut`, the later one of equal
+    offsets (an expiry tombstone follows the state it expires). Records at or beyond the cut were
+    written after the last commit and describe events that will be consumed again: using them would
+    apply those events twice. Going by offset rather than log order also ignores a late write from a
+    zombie, a former owner still writing after its partition moved on.
     """
 
     shard: int
     cut: int
-    latest: dict[str, bytes | None] = field(default_factory=dict)
+    latest: dict[str, tuple[int, bytes | None]] = field(default_factory=dict)
     skipped_beyond_cut: int = 0
     unreadable: int = 0
 
@@ -85,14 +87,16 @@ class PartitionRestore:
         elif offset >= self.cut:
             self.skipped_beyond_cut += 1
         else:
-            self.latest[key.decode("utf-8", "replace")] = value
+            name = key.decode("utf-8", "replace")
+            if offset >= self.latest.get(name, (-1, None))[0]:
+                self.latest[name] = (offset, value)
 
     def rows(self, num_layers: int, hidden_size: int) -> tuple[Rows, int]:
         """The live keys' state, and how many records had another model's shape (those keys start over)."""
         width = 2 * num_layers * hidden_size
         expected = HEADER.size + 4 * width
         keys, headers, bodies, mismatched = [], [], [], 0
-        for key, value in self.latest.items():
+        for key, (_, value) in self.latest.items():
             if value is None:
                 continue
             fields = HEADER.unpack_from(value)

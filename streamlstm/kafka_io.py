@@ -19,7 +19,11 @@ from kafka import (
 )
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import (
+    CommitFailedError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from .config import KafkaConfig
@@ -193,7 +197,12 @@ class KafkaIO:
         if self.transactional:
             self._commit_transaction(offsets)
         elif offsets:
-            self.consumer.commit(offsets)
+            try:
+                self.consumer.commit(offsets)
+            except (CommitFailedError, RebalanceInProgressError) as exc:
+                log.warning("offset commit refused (%s): the group has moved on; the next poll rejoins it, and "
+                            "the events since the last commit will be processed again by their new owner", exc)
+                return
         self._remember(offsets)
 
     def _commit_transaction(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:

@@ -35,11 +35,12 @@ def test_a_record_holds_h_c_steps_offset_time_and_model_version_in_a_documented_
         assert np.array_equal(getattr(state, name), getattr(rows, name)), name
 
 
-def test_restore_keeps_per_key_the_newest_record_below_the_committed_offset():
+def test_restore_keeps_per_key_the_latest_record_below_the_committed_offset():
     """Records at or beyond the cut describe events that will be consumed again: using them would
-    apply those events twice. A tombstone below the cut removes the key."""
+    apply those events twice. A tombstone below the cut removes the key. A late record of an older
+    offset (a zombie's write) does not replace a newer one."""
     restore = PartitionRestore(shard=0, cut=20)
-    history = [("a", 3), ("b", 4), ("a", 12), ("a", 25), ("b", None), ("c", 30)]
+    history = [("a", 3), ("b", 4), ("a", 12), ("a", 25), ("b", None), ("c", 30), ("a", 7)]
     for key, offset in history:
         if offset is None:
             restore.add(key.encode(), None, changelog.tombstone_headers(15))

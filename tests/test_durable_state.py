@@ -216,3 +216,27 @@ def test_a_changelog_with_another_partition_count_stops_startup_naming_it(broker
     assert result.returncode == 2
     assert f"changelog topic {changelog_topic!r} has 2 partitions but input topic" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_daemon_frozen_past_its_session_loses_its_partitions_and_rejoins_without_harm(
+        tmp_path, broker, model_dir, daemon_factory):
+    """SIGSTOP longer than the session timeout: the group moves the frozen daemon's partitions on; when
+    it thaws it finds them lost, drops their state without committing, and rejoins — a zombie that
+    must not corrupt anything."""
+    events = make_events(6_000, 400, seed=14)
+    first = daemon_factory()
+    prepare(first)
+    frozen, other = first.start(), first.replica().start()
+    feeder = Feeder(broker.bootstrap, first.topic, events, per_second=400)
+    feeder.start()
+    wait_until(lambda: feeder.sent > 1_000, 30, "events flowing")
+    frozen.proc.send_signal(signal.SIGSTOP)
+    other.wait_for(lambda: daemon_metric(other, "streamlstm_assigned_partitions") == 4, 30,
+                   "the other daemon taking every partition")
+    frozen.proc.send_signal(signal.SIGCONT)
+    feeder.join()
+    found = predictions_by_source(broker, first.kafka["output_topic"], len(events))
+    assert_exact(tmp_path, model_dir, events, found)
+    frozen.wait_for(lambda: daemon_metric(frozen, "streamlstm_assigned_partitions") > 0, 30, "rejoining")
+    assert daemon_metric(frozen, "streamlstm_partitions_lost_total") > 0
+    assert frozen.stop() == 0 and other.stop() == 0
