@@ -24,8 +24,9 @@ USAGE_ERROR = 2
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if level != "DEBUG":  # kafka-python narrates every connection at INFO
+    if level != "DEBUG":  # kafka-python narrates every connection at INFO, and every refused one at WARNING
         logging.getLogger("kafka").setLevel(logging.WARNING)
+        logging.getLogger("kafka.net.manager").setLevel(logging.ERROR)
 
 
 def _on_stop_signals(stop: Callable[[], None]) -> None:

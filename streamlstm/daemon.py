@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
 
 from .artifact import load_artifact
 from .checkpoint import Checkpointer
@@ -30,6 +31,8 @@ from .restore import Restorer
 from .state import StateKey
 
 log = logging.getLogger(__name__)
+
+CONNECT_BACKOFF_MAX_S = 30
 
 
 @dataclass
@@ -61,9 +64,13 @@ class Daemon:
                                  "hidden_size": str(spec.hidden_size), "num_layers": str(spec.num_layers)})
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.exposition, self.healthy, self.ready)
         self.restorer: Restorer | None = None
+        self.io: KafkaIO | None = None
         log.info("model %s loaded from %s on %s", artifact.version, cfg.model.path, device)
 
     def healthy(self) -> tuple[bool, str]:
+        """Live while the loop progresses; waiting for an unreachable broker is progress, not a hang."""
+        if self.io is None:
+            return True, "waiting for the Kafka cluster"
         idle = time.monotonic() - self._last_poll
         if idle > self.cfg.http.liveness_timeout_s:
             return False, f"poll loop stalled for {idle:.0f} s"
@@ -83,10 +90,10 @@ class Daemon:
         self.http.start()
         log.info("http on %s:%d (/metrics /healthz /readyz)", self.cfg.http.host, self.http.port)
         kafka = self.cfg.kafka
-        if kafka.create_topics:
-            ensure_topics(kafka)
-        ensure_changelog(kafka, self.changelog_topic)
-        self.io = io = KafkaIO(kafka, self)
+        io = self._connect()
+        if io is None:
+            self.http.stop()
+            return
         table = self.predictor.table
         self.restorer = Restorer(io, ChangelogReader(kafka, self.changelog_topic), table, self.metrics,
                                  self.predictor.model.spec.num_layers, self.predictor.model.spec.hidden_size)
@@ -103,6 +110,29 @@ class Daemon:
             self.restorer.reader.close()
             self.http.stop()
         log.info("stopped")
+
+    def _connect(self) -> KafkaIO | None:
+        """Topics and clients, retried with backoff while the broker cannot be reached (None: stopped).
+
+        A daemon that starts before its broker (a pod before Kafka) waits, alive and not ready.
+        """
+        kafka, delay, last_error = self.cfg.kafka, 1.0, ""
+        while not self._stop.is_set():
+            self._last_poll = time.monotonic()
+            try:
+                if kafka.create_topics:
+                    ensure_topics(kafka)
+                ensure_changelog(kafka, self.changelog_topic)
+                self.io = KafkaIO(kafka, self)
+                return self.io
+            except KafkaError as exc:
+                if type(exc).__name__ != last_error:
+                    log.warning("cannot reach the Kafka cluster at %s (%s); retrying with backoff up to %d s",
+                                kafka.bootstrap_servers, exc, CONNECT_BACKOFF_MAX_S)
+                    last_error = type(exc).__name__
+                self._stop.wait(delay)
+                delay = min(delay * 2, CONNECT_BACKOFF_MAX_S)
+        return None
 
     def _loop(self, io: KafkaIO) -> None:
         interval = self.cfg.state.checkpoint_interval_ms / 1000

@@ -6,11 +6,13 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from conftest import (
+    DaemonProcess,
     consume_exactly,
     event_value,
     http_get,
@@ -145,3 +147,25 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
+
+
+def test_a_daemon_started_before_its_broker_waits_alive_and_serves_when_it_appears(tmp_path, model_dir):
+    """Broker down at start for 10 s: no crash, /healthz 200 and /readyz 503 meanwhile, then serving."""
+    from streamlstm.broker import EmbeddedBroker, free_port
+
+    port = free_port()
+    absent = EmbeddedBroker(port, log_file=tmp_path / "late-broker.log")
+    daemon = DaemonProcess(tmp_path, absent, model_dir)
+    try:
+        daemon.start(wait_ready=False)
+        daemon.wait_for(lambda: http_get(daemon.port, "/healthz")[0] == 200, 30, "the http endpoints")
+        assert http_get(daemon.port, "/readyz")[0] == 503
+        time.sleep(10)  # the scenario: the broker stays away for 10 s
+        assert http_get(daemon.port, "/healthz")[0] == 200 and http_get(daemon.port, "/readyz")[0] == 503
+        with absent as broker:
+            daemon.wait_for(lambda: http_get(daemon.port, "/readyz")[0] == 200, 90, "ready once the broker is up")
+            produce(broker, daemon.topic, [(b"late", event_value([1, 2, 3]))])
+            assert json.loads(consume_exactly(broker, daemon.kafka["output_topic"], 1)[0].value)["step"] == 1
+            assert daemon.stop() == 0
+    finally:
+        daemon.kill()
