@@ -53,6 +53,13 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class EventsConfig:
+    max_key_bytes: int = 1024
+    max_value_bytes: int = 65536
+    invalid_feature: str = "reject"
+
+
+@dataclass(frozen=True)
 class StateConfig:
     checkpoint_interval_ms: int = 1000
     changelog_topic: str = ""
@@ -94,6 +101,7 @@ class LogConfig:
 class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -104,6 +112,7 @@ _CHOICES = {
     ("kafka", "auto_offset_reset"): ("earliest", "latest"),
     ("kafka", "processing_guarantee"): ("at_least_once", "exactly_once"),
     ("state", "ttl_clock"): ("processing_time", "event_time"),
+    ("events", "invalid_feature"): ("reject", "replace_with_mean"),
     ("model", "device"): ("auto", "cpu", "cuda"),
     ("train", "task"): ("regression", "classification"),
     ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR"),

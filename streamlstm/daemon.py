@@ -56,7 +56,10 @@ class Daemon:
         device = resolve_device(cfg.model.device)
         artifact = load_artifact(cfg.model.path, device)
         self.predictor = StreamingPredictor(artifact, device)
-        self.decoder = EventDecoder(artifact.spec.features)
+        events = cfg.events
+        replace = events.invalid_feature == "replace_with_mean"
+        self.decoder = EventDecoder(artifact.spec.features, events.max_key_bytes, events.max_value_bytes,
+                                    artifact.spec.feature_mean if replace else None)
         self.changelog_topic = cfg.state.changelog_for(cfg.kafka)
         self.ttl_ms = int(cfg.state.ttl_seconds * 1000)
         spec = artifact.spec
@@ -181,6 +184,8 @@ class Daemon:
                 m.rejected.labels(decoded.reason).inc()
             else:
                 accepted.append((record, decoded))
+                if decoded.replaced:
+                    m.replaced.inc(decoded.replaced)
         if accepted:
             self._apply(io, accepted)
         io.mark_done(records)

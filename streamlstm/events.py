@@ -27,6 +27,7 @@ class Event:
     ts: int | None
     reset: bool = False
     end: bool = False
+    replaced: int = 0  # feature values replaced by their training mean (events.invalid_feature policy)
 
 
 class Rejection(NamedTuple):
@@ -37,7 +38,7 @@ class Rejection(NamedTuple):
 REASONS = (
     "bad_key", "not_utf8", "not_json", "not_object", "unknown_field", "missing_features",
     "wrong_feature_count", "unknown_feature", "missing_feature", "non_numeric_feature",
-    "non_finite_feature", "bad_ts", "bad_control",
+    "non_finite_feature", "bad_ts", "bad_control", "key_too_large", "value_too_large",
 )
 
 
@@ -55,15 +56,29 @@ def _finite(value: int | float) -> float | None:
 
 
 class EventDecoder:
-    """Checks events against the model's feature names; features come out in the model's order."""
+    """Checks events against the model's feature names; features come out in the model's order.
 
-    def __init__(self, feature_names: Sequence[str]) -> None:
+    With `replacements` (the training means, one per feature), a non-numeric, NaN or infinite feature
+    value is replaced instead of rejecting the event.
+    """
+
+    def __init__(self, feature_names: Sequence[str], max_key_bytes: int = 1 << 30, max_value_bytes: int = 1 << 30,
+                 replacements: Sequence[float] | None = None) -> None:
         self.names = tuple(feature_names)
         self._index = {name: i for i, name in enumerate(self.names)}
+        self.max_key_bytes = max_key_bytes
+        self.max_value_bytes = max_value_bytes
+        self.replacements = None if replacements is None else tuple(float(v) for v in replacements)
 
     def decode(self, key: bytes | None, value: bytes | None) -> Event | Rejection:
         if not key:
             return Rejection("bad_key", "the message key (the state key) is missing or empty")
+        if len(key) > self.max_key_bytes:
+            return Rejection("key_too_large", f"key of {len(key)} bytes; the limit is {self.max_key_bytes} "
+                             "(events.max_key_bytes)")
+        if value is not None and len(value) > self.max_value_bytes:
+            return Rejection("value_too_large", f"value of {len(value)} bytes; the limit is "
+                             f"{self.max_value_bytes} (events.max_value_bytes)")
         try:
             key_text = key.decode("utf-8")
             text = (value or b"").decode("utf-8")
@@ -86,10 +101,12 @@ class EventDecoder:
             if not isinstance(obj.get(name, False), bool):
                 return Rejection("bad_control", f"{name!r} must be true or false, got {obj[name]!r:.40}")
         reset, end = obj.get("reset", False), obj.get("end", False)
+        replaced = 0
         if "features" in obj:
-            features = self._features(obj["features"])
-            if isinstance(features, Rejection):
-                return features
+            decoded = self._features(obj["features"])
+            if isinstance(decoded, Rejection):
+                return decoded
+            features, replaced = decoded
         elif reset or end:
             features = None
         else:
@@ -97,9 +114,9 @@ class EventDecoder:
         ts = obj.get("ts")
         if ts is not None and not (_is_number(ts) and _finite(ts) is not None):
             return Rejection("bad_ts", f"'ts' must be a number of epoch milliseconds, got {ts!r:.40}")
-        return Event(key, features, None if ts is None else int(ts), reset, end)
+        return Event(key, features, None if ts is None else int(ts), reset, end, replaced)
 
-    def _features(self, raw: Any) -> list[float] | Rejection:
+    def _features(self, raw: Any) -> tuple[list[float], int] | Rejection:
         if isinstance(raw, dict):
             unknown = raw.keys() - self._index.keys()
             if unknown:
@@ -114,15 +131,18 @@ class EventDecoder:
             values = raw
         else:
             return Rejection("missing_features", f"'features' must be a list or an object, got {type(raw).__name__}")
-        out = []
-        for name, v in zip(self.names, values):
-            if not _is_number(v):
+        out, replaced = [], 0
+        for i, (name, v) in enumerate(zip(self.names, values)):
+            number = _finite(v) if _is_number(v) else None
+            if number is None and self.replacements is not None:
+                number = self.replacements[i]
+                replaced += 1
+            elif not _is_number(v):
                 return Rejection("non_numeric_feature", f"feature {name!r} is {v!r:.40}, not a number")
-            number = _finite(v)
-            if number is None:
+            elif number is None:
                 return Rejection("non_finite_feature", f"feature {name!r} is {v!r:.40}")
             out.append(number)
-        return out
+        return out, replaced
 
 
 def prediction_record(

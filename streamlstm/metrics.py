@@ -23,6 +23,9 @@ class Metrics:
                                    "Predictions handed to the producer for the output topic.", registry=r)
         self.rejected = Counter("streamlstm_events_rejected_total",
                                 "Events sent to the dead-letter topic, by reason.", ["reason"], registry=r)
+        self.replaced = Counter("streamlstm_features_replaced_total",
+                                "Feature values replaced by their training mean (events.invalid_feature).",
+                                registry=r)
         self.latency = Histogram("streamlstm_prediction_latency_seconds",
                                  "Event timestamp (Kafka record time) to its prediction being sent.",
                                  buckets=LATENCY_BUCKETS, registry=r)

@@ -58,3 +58,18 @@ def test_numbers_too_large_for_a_float_are_rejected_not_raised():
     huge = "9" * 400
     assert decoder.decode(b"k", f'{{"features": [1, {huge}]}}'.encode()).reason == "non_finite_feature"
     assert decoder.decode(b"k", f'{{"features": [1, 2], "ts": {huge}}}'.encode()).reason == "bad_ts"
+
+
+def test_oversized_keys_and_values_are_rejected_before_parsing():
+    small = EventDecoder(["a", "b"], max_key_bytes=4, max_value_bytes=30)
+    assert small.decode(b"12345", b'{"features": [1, 2]}').reason == "key_too_large"
+    assert small.decode(b"k", b'{"features": [1, 2], "ts": 1700000000000}').reason == "value_too_large"
+    assert small.decode(b"1234", b'{"features": [1, 2]}') == Event("1234", [1.0, 2.0], None)
+
+
+@pytest.mark.parametrize("value", [b'{"features": [1, NaN]}', b'{"features": [1, Infinity]}',
+                                   b'{"features": [1, null]}', b'{"features": {"a": 1, "b": "warm"}}'])
+def test_the_replace_policy_puts_the_training_mean_in_place_of_an_invalid_value(value):
+    replacing = EventDecoder(["a", "b"], replacements=[10.0, 20.0])
+    assert replacing.decode(b"k", value) == Event("k", [1.0, 20.0], None, replaced=1)
+    assert decoder.decode(b"k", value).reason in ("non_finite_feature", "non_numeric_feature")

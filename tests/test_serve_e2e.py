@@ -35,6 +35,7 @@ BAD_VALUES = {  # reason -> a malformed value (keys are fine unless the reason i
     "unknown_feature": b'{"features": {"load": 1, "temp": 2, "hour": 3, "wind": 4}}',
     "non_finite_feature": b'{"features": [1, NaN, 3]}',
     "non_numeric_feature": b'{"features": [1, "warm", 3]}',
+    "value_too_large": b'{"features": [1, 2, 3]}' + b" " * 70_000,  # events.max_value_bytes: 65536
 }
 
 
@@ -51,6 +52,7 @@ def workload(seed: int = 3):
             reason = rng.choice(sorted(BAD_VALUES))
             stream.append((key.encode(), BAD_VALUES[reason]))
     stream.append((None, event_value([1, 2, 3])))  # no key at all
+    stream.append((b"k" * 2000, event_value([1, 2, 3])))  # events.max_key_bytes: 1024
     return good, stream
 
 
@@ -81,7 +83,8 @@ def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker
 
     reasons = Counter(dict(r.headers)[DLQ_REASON].decode() for r in dead)
     originals = Counter(r.value for r in dead)
-    assert reasons["bad_key"] == 1 and set(reasons) - {"bad_key"} == set(BAD_VALUES)
+    assert reasons["bad_key"] == reasons["key_too_large"] == 1
+    assert set(reasons) - {"bad_key", "key_too_large"} == set(BAD_VALUES)
     assert all(originals[v] == reasons[r] for r, v in BAD_VALUES.items())  # bytes untouched
     assert all(dict(r.headers)[DLQ_SOURCE].decode().startswith(daemon.topic + "/") for r in dead)
 
