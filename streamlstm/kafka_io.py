@@ -141,9 +141,8 @@ class KafkaIO:
 
     def _send(self, topic: str, **record: object) -> None:
         """Under exactly_once, everything sent between two checkpoints is one transaction."""
-        if self.transactional and not self._in_transaction:
-            self.producer.begin_transaction()
-            self._in_transaction = True
+        if self.transactional:
+            self._ensure_transaction()
         self.producer.send(topic, **record).add_errback(self._failed)
 
     def send_prediction(self, key: bytes, value: bytes) -> None:
@@ -205,10 +204,14 @@ class KafkaIO:
                 return
         self._remember(offsets)
 
-    def _commit_transaction(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        if offsets and not self._in_transaction:
+    def _ensure_transaction(self) -> None:
+        if not self._in_transaction:
             self.producer.begin_transaction()
             self._in_transaction = True
+
+    def _commit_transaction(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        if offsets:
+            self._ensure_transaction()
         if not self._in_transaction:
             return
         if offsets:
