@@ -109,8 +109,10 @@ class Daemon:
             log.info("stopping: final checkpoint, leaving the group")
             self.checkpointer.checkpoint()
         finally:
-            io.close()
+            # Everything is committed; kafka-python 3 may log a race on its own closing sockets as an error.
+            logging.getLogger("kafka.net.transport").setLevel(logging.CRITICAL)
             self.restorer.reader.close()
+            io.close()
             self.http.stop()
         log.info("stopped")
 
