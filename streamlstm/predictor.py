@@ -1,7 +1,8 @@
 """Streaming prediction: a poll's events become batched LSTM steps over the per-key state table.
 
 All keys present advance together in one step; a key present k times advances k times, in order, in k
-successive steps, so no key is ever twice in one step. Knows nothing of Kafka.
+successive steps, so no key is ever twice in one step. On CUDA the steps replay CUDA graphs
+(graphed_step.py); elsewhere they run as eager torch operations. Knows nothing of Kafka.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from .artifact import Artifact
 from .cell import layer_weights, lstm_step
 from .config import ConfigError
+from .graphed_step import GraphedStep
 from .state import StateKey, StateTable
 
 
@@ -49,7 +51,8 @@ class Advance(NamedTuple):
 
 
 class StreamingPredictor:
-    def __init__(self, artifact: Artifact, device: torch.device) -> None:
+    def __init__(self, artifact: Artifact, device: torch.device, cuda_graphs: bool = True,
+                 max_batch: int = 8192) -> None:
         self.model = artifact.model.to(device)
         self.version = artifact.version
         self.device = device
@@ -57,8 +60,12 @@ class StreamingPredictor:
         spec = artifact.spec
         self.table = StateTable(spec.num_layers, spec.hidden_size, device)
         self.step_stats: list[tuple[int, float]] = []
+        self.graphed = GraphedStep(self.model, self.table, max_batch) if cuda_graphs and device.type == "cuda" else None
+        self._mean = self.model.feature_mean.cpu().numpy()
+        self._std = self.model.feature_std.cpu().numpy()
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: a table grown inside inference mode could not be restored into later
+    @torch.no_grad()
     def advance(
         self, keys: Sequence[StateKey], features: Sequence[Sequence[float]], fresh: np.ndarray | None = None
     ) -> Advance:
@@ -66,6 +73,8 @@ class StreamingPredictor:
 
         `step_stats` then holds (batch size, seconds) for every step taken, for the caller's metrics.
         """
+        if self.graphed is not None and len(keys):
+            return self._advance_graphed(keys, features, fresh)
         self.step_stats = []
         rows = self.table.rows(keys)
         x = self.model.normalise(torch.tensor(features, dtype=torch.float32).to(self.device))
@@ -85,3 +94,26 @@ class StreamingPredictor:
             self.step_stats.append((len(positions), time.perf_counter() - started))
         predictions = self.model.predictions(self.model.head(top))
         return Advance(predictions.cpu().numpy(), steps.numpy(), rows.numpy())
+
+    def _advance_graphed(
+        self, keys: Sequence[StateKey], features: Sequence[Sequence[float]], fresh: np.ndarray | None
+    ) -> Advance:
+        """advance through GraphedStep: the same steps, inputs normalised on the host (same float32 math)."""
+        rows = self.table.rows(keys)
+        x = (np.asarray(features, dtype=np.float32) - self._mean) / self._std
+        order, steps = [], []
+        most = self.graphed.max_batch
+        for positions in step_rounds(keys):
+            for chunk in (positions[i:i + most] for i in range(0, len(positions), most)):
+                step_rows = rows[torch.from_numpy(chunk)]
+                resets = [] if fresh is None else step_rows[torch.from_numpy(fresh[chunk])].tolist()
+                steps.append((step_rows, resets))
+                order.append(chunk)
+        done = np.concatenate(order)
+        predictions, counts, seconds = self.graphed.run(steps, x[done])
+        by_event = np.empty_like(predictions)
+        by_event[done] = predictions
+        step_counts = np.empty(len(keys), dtype=np.int64)
+        step_counts[done] = counts
+        self.step_stats = [(len(step_rows), s) for (step_rows, _), s in zip(steps, seconds)]
+        return Advance(by_event, step_counts, rows.numpy())

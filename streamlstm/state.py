@@ -123,6 +123,13 @@ class StateTable:
         idx = rows.to(self.device, non_blocking=True)
         self.h.index_copy_(1, idx, h)
         self.c.index_copy_(1, idx, c)
+        return self.stepped(rows)
+
+    def stepped(self, rows: torch.Tensor) -> torch.Tensor:
+        """Count one step on each (distinct) row and mark it changed; returns the step counts after it.
+
+        `scatter` does this; a step that writes h and c itself (the CUDA graph) calls it directly.
+        """
         self.steps[rows] += 1
         self._dirty.update(rows.tolist())
         return self.steps[rows]
