@@ -2,8 +2,9 @@
 
 In this order, as Quix Streams and Kafka Streams do: expire idle keys → produce the changelog records
 of every key dropped or changed since the last checkpoint → wait until the broker acknowledges all
-predictions, dead letters and state records → commit the consumer offsets. Each state record carries
-the input offset of the last event it reflects, so a restore can ignore records newer than the commit.
+predictions, dead letters and state records → commit the consumer offsets of every partition whose
+records were all acknowledged. Each state record carries the input offset of the last event it reflects,
+so a restore can ignore records newer than the commit.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from kafka import TopicPartition
 
 from . import changelog
 from .config import StateConfig
-from .kafka_io import KafkaIO
+from .kafka_io import Failure, KafkaIO
 from .metrics import Metrics
 from .state import StateTable
 
@@ -32,21 +33,23 @@ class Checkpointer:
         self.cfg = cfg
         self.model_version = model_version
 
-    def checkpoint(self) -> None:
-        """Expire, write changes, flush, commit. Raises DeliveryError (nothing committed) on refusal."""
+    def checkpoint(self) -> dict[int, Failure]:
+        """Expire, write changes, flush, commit; returns the input partitions left uncommitted because
+        the broker refused some of their records (the caller must redo them from their last commit)."""
         started = time.perf_counter()
         self.expire()
         keys, size = self.write_changes()
         offsets = self.io.pending()
         if not offsets and not keys:
-            return
-        self.io.flush()
-        self.io.commit(offsets)
+            return {}
+        failed = self.io.flush()
+        self.io.commit({tp: meta for tp, meta in offsets.items() if tp.partition not in failed})
         m = self.metrics
         m.checkpoints.inc()
         m.checkpoint_duration.observe(time.perf_counter() - started)
         m.checkpoint_keys.observe(keys)
         m.checkpoint_bytes.observe(size)
+        return failed
 
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         """The same order, on the consumer's IO thread (so the commit is asynchronous)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from .artifact import ArtifactError
 from .config import ConfigError, load_config
 from .kafka_io import TopicError
+from .train import TrainingDataError
 
 USAGE_ERROR = 2
 
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ArtifactError, TopicError) as exc:
+    except (ConfigError, ArtifactError, TopicError, TrainingDataError) as exc:
         print(f"streamlstm {args.command}: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except FileNotFoundError as exc:

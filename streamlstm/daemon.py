@@ -2,7 +2,8 @@
 
 One event's path: KafkaIO.poll → EventDecoder.decode → Daemon._plan (reset, end, expiry) →
 StreamingPredictor.advance → prediction_record → KafkaIO.send_prediction → Checkpointer.checkpoint
-(state records, flush, commit). Restorer rebuilds the state of partitions as they are assigned.
+(state records, flush, commit). Restorer rebuilds the state of partitions as they are assigned, and of
+partitions sent back to their last commit because the broker refused some of their records.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .checkpoint import Checkpointer
 from .config import Config
 from .events import Event, EventDecoder, Rejection, encode_record, prediction_record
 from .http_server import HttpServer
-from .kafka_io import ChangelogReader, KafkaIO, ensure_changelog, ensure_topics
+from .kafka_io import ChangelogReader, Failure, KafkaIO, ensure_changelog, ensure_topics
 from .metrics import Metrics
 from .predictor import StreamingPredictor, resolve_device
 from .restore import Restorer
@@ -32,7 +33,25 @@ from .state import StateKey
 
 log = logging.getLogger(__name__)
 
-CONNECT_BACKOFF_MAX_S = 30
+BACKOFF_MAX_S = 30
+
+
+class Backoff:
+    """Waits of 1, 2, 4 … up to 30 s between tries of something failing, from 1 s again after a success."""
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self.delay > 0
+
+    def next(self) -> float:
+        self.delay = min(max(2 * self.delay, 1.0), BACKOFF_MAX_S)
+        return self.delay
+
+    def reset(self) -> None:
+        self.delay = 0.0
 
 
 @dataclass
@@ -68,6 +87,8 @@ class Daemon:
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.exposition, self.healthy, self.ready)
         self.restorer: Restorer | None = None
         self.io: KafkaIO | None = None
+        self.backoff = Backoff()
+        self._redoing: set[int] = set()  # partitions rewound and not committed since: backoff not over
         log.info("model %s loaded from %s on %s", artifact.version, cfg.model.path, device)
 
     def healthy(self) -> tuple[bool, str]:
@@ -83,6 +104,8 @@ class Daemon:
         """Ready once the first assignment's state is restored (an empty assignment counts: a standby)."""
         if self.restorer is None or not self.restorer.restored_once:
             return False, "waiting for partitions and their state"
+        if self.backoff.failing:
+            return False, "the broker refuses records; redoing partitions from their last commit"
         return True, f"ok: {len(self.restorer.assigned)} partitions"
 
     def stop(self) -> None:
@@ -107,7 +130,9 @@ class Daemon:
         try:
             self._loop(io)
             log.info("stopping: final checkpoint, leaving the group")
-            self.checkpointer.checkpoint()
+            if failed := self.checkpointer.checkpoint():
+                log.warning("input partitions %s stay uncommitted (the broker refused their records); their "
+                            "next owner redoes them from their last commit", sorted(failed))
         finally:
             # Everything is committed; kafka-python 3 may log a race on its own closing sockets as an error.
             logging.getLogger("kafka.net.transport").setLevel(logging.CRITICAL)
@@ -121,23 +146,29 @@ class Daemon:
 
         A daemon that starts before its broker (a pod before Kafka) waits, alive and not ready.
         """
-        kafka, delay, last_error = self.cfg.kafka, 1.0, ""
+        kafka, last_error = self.cfg.kafka, ""
         while not self._stop.is_set():
-            self._last_poll = time.monotonic()
             try:
                 if kafka.create_topics:
                     ensure_topics(kafka)
                 ensure_changelog(kafka, self.changelog_topic)
                 self.io = KafkaIO(kafka, self)
+                self.backoff.reset()
                 return self.io
             except KafkaError as exc:
                 if type(exc).__name__ != last_error:
                     log.warning("cannot reach the Kafka cluster at %s (%s); retrying with backoff up to %d s",
-                                kafka.bootstrap_servers, exc, CONNECT_BACKOFF_MAX_S)
+                                kafka.bootstrap_servers, exc, BACKOFF_MAX_S)
                     last_error = type(exc).__name__
-                self._stop.wait(delay)
-                delay = min(delay * 2, CONNECT_BACKOFF_MAX_S)
+                self._wait(self.backoff.next())
         return None
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep, staying live: a daemon waiting for its broker is not hung. A stop ends the wait."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self._last_poll = time.monotonic()
+            self._stop.wait(min(1.0, deadline - time.monotonic()))
 
     def _loop(self, io: KafkaIO) -> None:
         interval = self.cfg.state.checkpoint_interval_ms / 1000
@@ -145,14 +176,50 @@ class Daemon:
         while not self._stop.is_set():
             self._last_poll = time.monotonic()
             self.metrics.last_poll.set_to_current_time()
-            records = io.poll(0 if self.restorer.busy else None)
-            if records:
-                self._process(io, records)
-            self.restorer.step()
-            if time.monotonic() >= next_checkpoint:
-                self.checkpointer.checkpoint()
-                self._report_lag(io)
-                next_checkpoint = time.monotonic() + interval
+            try:
+                records = io.poll(0 if self.restorer.busy else None)
+                if records:
+                    self._process(io, records)
+                self.restorer.step()
+                if time.monotonic() >= next_checkpoint:
+                    self._checkpoint(io)
+                    self._report_lag(io)
+                    next_checkpoint = time.monotonic() + interval
+            except KafkaError as exc:  # a broker that does not answer: sends never raise, these calls may
+                delay = self.backoff.next()
+                log.warning("Kafka call failed (%r); retrying in %.0f s", exc, delay)
+                self._wait(delay)
+
+    def _checkpoint(self, io: KafkaIO) -> None:
+        """A checkpoint; the backoff ends once every rewound partition has committed again."""
+        pending = {tp.partition for tp in io.pending()}
+        failed = self.checkpointer.checkpoint()
+        if failed:
+            self._rewind(io, failed)
+            return
+        self._redoing &= {tp.partition for tp in self.restorer.assigned} - pending
+        if not self._redoing:
+            self.backoff.reset()
+
+    def _rewind(self, io: KafkaIO, failed: dict[int, Failure]) -> None:
+        """Redo partitions whose records the broker refused from their last commit, after a backoff.
+
+        Nothing after that commit was committed, so no event is lost; their state goes back to it with
+        them (restored from the changelog), so no step is applied twice. Their outputs since the commit
+        may be published again, as after a crash.
+        """
+        for failure in failed.values():
+            self.metrics.delivery_failures.labels(failure.topic).inc()
+        first = next(iter(failed.values()))
+        delay = self.backoff.next()
+        log.error("the broker refused records of input partitions %s (first: %s: %r); they go back to their last "
+                  "commit and are redone in %.0f s; nothing after it is committed", sorted(failed), first.topic,
+                  first.error, delay)
+        partitions = {tp for tp in self.restorer.assigned if tp.partition in failed}
+        self.restorer.rewind(partitions, delay)
+        self._redoing |= {tp.partition for tp in partitions}
+        self.metrics.rewinds.inc(len(partitions))
+        io.reopen_producer()
 
     # Rebalance callbacks: on kafka-python's IO thread, while the loop above waits inside poll().
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
@@ -212,7 +279,7 @@ class Daemon:
                 source = (record.topic, record.partition, record.offset)
                 event_ts = record.timestamp if event.ts is None else event.ts
                 published = prediction_record(event, prediction, step, version, source, event_ts)
-                io.send_prediction(record.key, encode_record(published))
+                io.send_prediction(record, encode_record(published))
                 m.latency.observe(max(now_ms - record.timestamp, 0.0) / 1000)
             m.predictions.inc(len(stepping))
         self.predictor.table.drop(plan.tombstones.keys(), plan.tombstones.values())

@@ -2,13 +2,15 @@
 safely; read a changelog back.
 
 Offsets are committed only after the broker has acknowledged every record produced for them (flush,
-then commit), so a crash can repeat work but never lose an event. Knows nothing of torch or models.
+then commit), so a crash can repeat work but never lose an event. A record the broker refuses marks its
+source partition failed: that partition is not committed and must be redone from its last commit.
+Knows nothing of torch or models.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from kafka import (
     ConsumerRebalanceListener,
@@ -19,11 +21,7 @@ from kafka import (
 )
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import (
-    CommitFailedError,
-    RebalanceInProgressError,
-    TopicAlreadyExistsError,
-)
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from .config import KafkaConfig
@@ -31,7 +29,11 @@ from .config import KafkaConfig
 log = logging.getLogger(__name__)
 
 # Batches of 256 KiB: a checkpoint writes many state records at once (16 KiB made 4x more requests).
-PRODUCER_SETTINGS = {"acks": "all", "linger_ms": 5, "batch_size": 256 * 1024}
+# Bounded waits (kafka-python's are 60 s to block in send() and 120 s to deliver): a record that cannot
+# be delivered fails within 20 s and is redone, so the loop never looks hung to its liveness probe.
+PRODUCER_SETTINGS = {"acks": "all", "linger_ms": 5, "batch_size": 256 * 1024, "max_block_ms": 5000,
+                     "request_timeout_ms": 10000, "delivery_timeout_ms": 20000}
+CONSUMER_CALL_TIMEOUT_MS = 5000  # commits and committed-offset lookups while the broker is away
 
 DLQ_REASON = "streamlstm.reason"
 DLQ_DETAIL = "streamlstm.detail"
@@ -42,8 +44,11 @@ class TopicError(RuntimeError):
     """A topic the daemon needs is missing or shaped wrongly; the message says what to change."""
 
 
-class DeliveryError(RuntimeError):
-    """The broker refused records after the producer's retries; offsets must not move past them."""
+class Failure(NamedTuple):
+    """The first record of a source partition that the broker refused (after the producer's retries)."""
+
+    topic: str
+    error: Exception
 
 
 def ensure_topics(cfg: KafkaConfig) -> None:
@@ -117,13 +122,8 @@ class KafkaIO:
         self._in_transaction = False
         self._done: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
-        self._send_error: Exception | None = None
-        self.producer = KafkaProducer(
-            bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-producer", **PRODUCER_SETTINGS,
-            transactional_id=cfg.transactional_id_or_default() if self.transactional else None,
-        )
-        if self.transactional:
-            self.producer.init_transactions()  # fences a predecessor with our id, aborting its transaction
+        self._failed: dict[int, Failure] = {}  # by source partition; written on the producer's thread too
+        self.producer = self._new_producer()
         self.consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers, client_id=cfg.client_id, group_id=cfg.group_id,
             enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
@@ -133,20 +133,49 @@ class KafkaIO:
         )
         self.consumer.subscribe([cfg.input_topic], listener=_Listener(rebalance))
 
+    def _new_producer(self) -> KafkaProducer:
+        cfg = self.cfg
+        producer = KafkaProducer(
+            bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-producer", **PRODUCER_SETTINGS,
+            transactional_id=cfg.transactional_id_or_default() if self.transactional else None,
+        )
+        if self.transactional:
+            producer.init_transactions()  # fences a predecessor with our id, aborting its transaction
+        return producer
+
+    def reopen_producer(self) -> None:
+        """Replace a producer that refused records: kafka-python's may be left unusable (a fatal
+        idempotence error after a broker lost its state). Call only when nothing is in flight."""
+        fresh = self._new_producer()  # may raise (broker away): the old one stays, its sends keep failing
+        self.producer.close(timeout=0)
+        self.producer, self._in_transaction = fresh, False
+
     def poll(self, timeout_ms: int | None = None) -> list[ConsumerRecord]:
         """Records of one poll, partition by partition in offset order."""
         timeout = self.cfg.poll_timeout_ms if timeout_ms is None else timeout_ms
         batches = self.consumer.poll(timeout_ms=timeout, max_records=self.cfg.max_poll_records)
         return [record for records in batches.values() for record in records]
 
-    def _send(self, topic: str, **record: object) -> None:
-        """Under exactly_once, everything sent between two checkpoints is one transaction."""
-        if self.transactional:
-            self._ensure_transaction()
-        self.producer.send(topic, **record).add_errback(self._failed)
+    def _send(self, source: int, topic: str, **record: object) -> None:
+        """Never raises: a refusal, now or after the producer's retries, fails the source partition.
 
-    def send_prediction(self, key: bytes, value: bytes) -> None:
-        self._send(self.cfg.output_topic, key=key, value=value)
+        A failed partition's later records are not even sent: it will be redone from its last commit.
+        Under exactly_once, everything sent between two checkpoints is one transaction.
+        """
+        if source in self._failed:
+            return
+        try:
+            if self.transactional:
+                self._ensure_transaction()
+            self.producer.send(topic, **record).add_errback(self._fail, source, topic)
+        except KafkaError as exc:
+            self._fail(source, topic, exc)
+
+    def _fail(self, source: int, topic: str, error: Exception) -> None:
+        self._failed.setdefault(source, Failure(topic, error))
+
+    def send_prediction(self, record: ConsumerRecord, value: bytes) -> None:
+        self._send(record.partition, self.cfg.output_topic, key=record.key, value=value)
 
     def send_dead_letter(self, record: ConsumerRecord, reason: str, detail: str) -> None:
         """The original key and value bytes, untouched; why and where from in the headers."""
@@ -155,15 +184,12 @@ class KafkaIO:
             (DLQ_DETAIL, detail.encode("utf-8", "replace")),
             (DLQ_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
         ]
-        self._send(self.cfg.dlq_topic, key=record.key, value=record.value, headers=headers)
+        self._send(record.partition, self.cfg.dlq_topic, key=record.key, value=record.value, headers=headers)
 
     def send_state(self, topic: str, partition: int, key: bytes, value: bytes | None,
                    headers: list[tuple[str, bytes]] | None = None) -> None:
         """A changelog record, into the partition that matches the key's input partition."""
-        self._send(topic, key=key, value=value, partition=partition, headers=headers)
-
-    def _failed(self, exc: Exception) -> None:
-        self._send_error = self._send_error or exc
+        self._send(partition, topic, key=key, value=value, partition=partition, headers=headers)
 
     def mark_done(self, records: list[ConsumerRecord]) -> None:
         """Records whose outputs have been sent (not yet acknowledged)."""
@@ -181,27 +207,35 @@ class KafkaIO:
             if (partitions is None or tp in partitions) and self._committed.get(tp) != offset
         }
 
-    def flush(self) -> None:
-        """Wait for the broker to acknowledge everything sent; raise if anything was refused."""
+    def flush(self) -> dict[int, Failure]:
+        """Wait for the broker to acknowledge everything sent; return the source partitions it refused.
+
+        Under exactly_once one refusal aborts the transaction, which fails every partition in it.
+        """
         self.producer.flush()
-        if self._send_error is not None:
-            raise DeliveryError(f"the broker refused a produced record: {self._send_error!r}; offsets "
-                                "after it are not committed and will be consumed again")
+        failed, self._failed = self._failed, {}
+        if failed and self.transactional:
+            self.abort()
+            first = next(iter(failed.values()))
+            failed = {tp.partition: first for tp in self.pending()} | failed
+        return failed
 
     def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        """Commit offsets whose records the broker has acknowledged (call flush first).
+        """Commit offsets whose records the broker has acknowledged (flush first, leave out failures).
 
-        Under exactly_once the offsets join the open transaction, which then commits as a whole.
+        Under exactly_once the offsets join the open transaction, which then commits as a whole. A commit
+        that fails is not fatal: the offsets stay pending for the next checkpoint, or, if the group has
+        moved the partition, its next owner processes those events again.
         """
-        if self.transactional:
-            self._commit_transaction(offsets)
-        elif offsets:
-            try:
-                self.consumer.commit(offsets)
-            except (CommitFailedError, RebalanceInProgressError) as exc:
-                log.warning("offset commit refused (%s): the group has moved on; the next poll rejoins it, and "
-                            "the events since the last commit will be processed again by their new owner", exc)
-                return
+        try:
+            if self.transactional:
+                self._commit_transaction(offsets)
+            elif offsets:
+                self.consumer.commit(offsets, timeout_ms=CONSUMER_CALL_TIMEOUT_MS)
+        except KafkaError as exc:
+            log.warning("offset commit failed (%r); retried at the next checkpoint unless the partitions have "
+                        "moved, in which case their new owner processes the events since the last commit", exc)
+            return
         self._remember(offsets)
 
     def _ensure_transaction(self) -> None:
@@ -221,31 +255,35 @@ class KafkaIO:
 
     def abort(self) -> None:
         """Drop the open transaction (exactly_once): its outputs are never visible to read_committed."""
-        if self._in_transaction:
+        if not self._in_transaction:
+            return
+        self._in_transaction = False
+        try:
             self.producer.abort_transaction()
-            self._in_transaction = False
+        except KafkaError as exc:  # a producer in a fatal state cannot; its successor's fencing will
+            log.warning("could not abort the transaction (%r); the producer is replaced", exc)
 
     def commit_revoked(self, partitions: set[TopicPartition]) -> None:
         """Flush and commit partitions being taken away, before the new owner starts on them.
 
         Called on the consumer's IO thread: the producer flush may block, the commit must be async.
-        Under exactly_once the whole transaction commits (it spans every partition's outputs).
+        Under exactly_once the whole transaction commits (it spans every partition's outputs). Failed
+        partitions are not committed; the others' failures are kept for the next checkpoint.
         """
+        failed = self.flush()
+        self._failed.update({p: f for p, f in failed.items() if TopicPartition(self.cfg.input_topic, p)
+                             not in partitions})
+        if failed:
+            log.warning("not committing revoked partitions %s: the broker refused their records (%r)",
+                        sorted(failed), next(iter(failed.values())).error)
         if self.transactional:
-            offsets = self.pending()
-            self._commit_transaction(offsets)
-            self._remember(offsets)
-            self.forget(partitions)
-            return
-        offsets = self.pending(partitions)
-        try:
-            self.flush()
-        except DeliveryError:
-            log.exception("not committing revoked partitions %s", sorted(tp.partition for tp in partitions))
-            offsets = {}
-        if offsets:
-            self.consumer.commit_async(offsets)
-            self._remember(offsets)
+            offsets = {tp: m for tp, m in self.pending().items() if tp.partition not in failed}
+            self.commit(offsets)
+        else:
+            offsets = {tp: m for tp, m in self.pending(partitions).items() if tp.partition not in failed}
+            if offsets:
+                self.consumer.commit_async(offsets)
+                self._remember(offsets)
         self.forget(partitions)
 
     def _remember(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
@@ -256,9 +294,20 @@ class KafkaIO:
             self._done.pop(tp, None)
             self._committed.pop(tp, None)
 
+    def rewind(self, tp: TopicPartition) -> None:
+        """Consume a partition again from its committed offset (from auto_offset_reset's end if none)."""
+        committed = self.consumer.committed(tp, timeout_ms=CONSUMER_CALL_TIMEOUT_MS)
+        if committed is not None:
+            self.consumer.seek(tp, committed)
+        elif self.cfg.auto_offset_reset == "earliest":
+            self.consumer.seek_to_beginning(tp)
+        else:
+            self.consumer.seek_to_end(tp)
+        self.forget({tp})
+
     def position(self, tp: TopicPartition) -> int:
         """Where consumption of a partition resumes: the committed offset right after an assignment."""
-        return self.consumer.position(tp)
+        return self.consumer.position(tp, timeout_ms=CONSUMER_CALL_TIMEOUT_MS)
 
     def pause(self, partitions: set[TopicPartition]) -> None:
         self.consumer.pause(*partitions)

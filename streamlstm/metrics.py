@@ -62,6 +62,13 @@ class Metrics:
         self.partitions_lost = Counter("streamlstm_partitions_lost_total",
                                        "Partitions taken away without a chance to commit (group membership lost).",
                                        registry=r)
+        self.delivery_failures = Counter(
+            "streamlstm_delivery_failures_total",
+            "Input partitions whose records the broker refused in a checkpoint, by the topic refused first; "
+            "each such partition is redone from its last commit.", ["topic"], registry=r)
+        self.rewinds = Counter("streamlstm_rewinds_total",
+                               "Partitions sent back to their last commit, state included, to be redone.",
+                               registry=r)
         self.live_keys = Gauge("streamlstm_live_keys", "Keys with state in the table.", registry=r)
         self.dropped_keys = Counter("streamlstm_keys_dropped_total",
                                     "Keys whose state was dropped and tombstoned: end, reset (without features), "

@@ -3,6 +3,7 @@
 Only the partitions being restored are paused; the others keep flowing, because the changelog is read
 a poll at a time between input polls, by a consumer of its own. A partition this daemon already held
 before a rebalance keeps its in-memory state when consumption resumes exactly where that state stands.
+A partition whose outputs the broker refused is rewound: back to its last commit, state included.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Restorer:
         self._active: dict[int, tuple[PartitionRestore, float]] = {}
         self._reflects: dict[TopicPartition, int] = {}  # next input offset the in-memory state stands at
         self._kept: dict[TopicPartition, int] = {}
+        self._rewinding: set[TopicPartition] = set()  # to seek back to their committed offset first
+        self._hold_until = 0.0  # no restore begins before this (monotonic): the rewind's backoff
         self._assignments = 0
 
     @property
@@ -56,6 +59,7 @@ class Restorer:
         for tp in self.assigned - partitions:
             self.table.forget_shard(tp.partition)
             self._kept.pop(tp, None)
+            self._rewinding.discard(tp)
         self.assigned = set(partitions)
         self._waiting = set(partitions)
         self._assignments += 1
@@ -64,12 +68,26 @@ class Restorer:
 
     def on_lost(self, partitions: set[TopicPartition]) -> None:
         """Another member owns them now: drop their state unwritten, it may be ahead of the commit."""
+        self._drop(partitions)
+        self.assigned -= partitions
+
+    def rewind(self, partitions: set[TopicPartition], hold_s: float) -> None:
+        """Redo partitions from their last commit, after `hold_s`: their in-memory state is ahead of it."""
+        partitions &= self.assigned
+        self._drop(partitions)
+        self.io.forget(partitions)  # nothing of theirs is committed from now until they are redone
+        self._rewinding |= partitions
+        self._waiting |= partitions
+        self._hold_until = time.monotonic() + hold_s
+        self.io.pause(partitions)
+
+    def _drop(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
             self._cancel(tp)
             self.table.forget_shard(tp.partition)
             self._kept.pop(tp, None)
             self._reflects.pop(tp, None)
-        self.assigned -= partitions
+            self._rewinding.discard(tp)
 
     def _cancel(self, tp: TopicPartition) -> bool:
         """Abandon a partition's pending or running restore; returns whether there was one."""
@@ -96,21 +114,28 @@ class Restorer:
             self.restored_once = True
 
     def _begin(self) -> None:
-        started = []
+        """Start restoring waiting partitions whose start offset is known (a broker may not answer yet)."""
+        if time.monotonic() < self._hold_until:
+            return
+        started = set()
         for tp in sorted(self._waiting):
+            if tp in self._rewinding:
+                self.io.rewind(tp)
+                self._rewinding.discard(tp)
             cut = self.io.position(tp)
-            if self._kept.get(tp) == cut:
+            if cut is None:
+                continue
+            self._waiting.discard(tp)
+            if self._kept.pop(tp, None) == cut:
                 log.info("partition %d: state kept in memory, resuming at offset %d", tp.partition, cut)
                 self._reflects[tp] = cut
                 self.io.resume({tp})
                 continue
             self.table.forget_shard(tp.partition)
             self._active[tp.partition] = (PartitionRestore(tp.partition, cut), time.perf_counter())
-            started.append(tp.partition)
-        self._waiting.clear()
-        self._kept.clear()
+            started.add(tp.partition)
         if started:
-            self.reader.start(set(started))
+            self.reader.start(started)
 
     def _finish(self, partition: int) -> None:
         fold, started = self._active.pop(partition)

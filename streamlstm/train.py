@@ -38,6 +38,10 @@ from .offline import score_events
 PROBABILITY_FLOOR = 1e-12  # keeps the log-loss finite when a class gets probability 0
 
 
+class TrainingDataError(ValueError):
+    """The data (with the train settings) cannot make a model; the message says what is missing."""
+
+
 @dataclass
 class EventFile:
     """The accepted events of a training file, in file order, with their labels and the rejections."""
@@ -75,7 +79,7 @@ def feature_names(records: Sequence[Any]) -> tuple[str, ...]:
     for raw in features:
         if isinstance(raw, list) and raw:
             return tuple(f"f{i}" for i in range(len(raw)))
-    raise ValueError("train: no line has non-empty 'features' (a list or an object); nothing to train on")
+    raise TrainingDataError("train: no line has non-empty 'features' (a list or an object); nothing to train on")
 
 
 def _label(obj: Any) -> str | int | None | Rejection:
@@ -115,7 +119,7 @@ def target_indices(features: Sequence[str], targets: Sequence[str]) -> list[int]
     """Positions of the regression targets among the features; the first feature by default."""
     unknown = [t for t in targets if t not in features]
     if unknown:
-        raise ValueError(f"train.targets: {unknown} are not features of the data ({list(features)})")
+        raise TrainingDataError(f"train.targets: {unknown} are not features of the data ({list(features)})")
     return [features.index(t) for t in targets] if targets else [0]
 
 
@@ -123,9 +127,9 @@ def model_outputs(data: EventFile, cfg: TrainConfig) -> tuple[tuple[str, ...], l
     """What the model predicts: the target features and their columns, or the classes (no columns)."""
     if cfg.task == "classification":
         if cfg.targets:
-            raise ValueError("train.targets applies to regression only; classification predicts 'label'")
+            raise TrainingDataError("train.targets applies to regression only; classification predicts 'label'")
         if not any(label is not None for label in data.labels):
-            raise ValueError("train: task is classification but no accepted event has a 'label'")
+            raise TrainingDataError("train: task is classification but no accepted event has a 'label'")
         return class_names(data.labels), []
     column = target_indices(data.features, cfg.targets)
     return tuple(data.features[i] for i in column), column
@@ -323,7 +327,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, log: Callable[[st
     series = key_series(events, outputs, cfg.task, cfg.holdout_events)
     train_targets = sum(int(s.train.sum()) for s in series)
     if not train_targets:
-        raise ValueError(f"train: no training targets in {data}: every key has at most "
+        raise TrainingDataError(f"train: no training targets in {data}: every key has at most "
                          f"train.holdout_events={cfg.holdout_events} targets")
     spec = build_spec(events, series, outputs, cfg)
     model = _seeded_model(spec, cfg.seed)

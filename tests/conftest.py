@@ -82,7 +82,7 @@ class DaemonProcess:
         }
         for name, value in overrides.items():
             section, key = name.split("__")
-            self.config[section][key] = value
+            self.config.setdefault(section, {})[key] = value
         self.config_file = tmp / f"{self.topic}.yaml"
         self.config_file.write_text(yaml.safe_dump(self.config))
         self.log_file = tmp / f"{self.topic}.log"
@@ -183,6 +183,9 @@ def read_all(broker: EmbeddedBroker, topic: str, timeout_s: float = 30,
     consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
                              isolation_level=isolation_level)
     partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+    if not partitions:  # no such topic (yet)
+        consumer.close()
+        return []
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
     records: list = []

@@ -1,5 +1,6 @@
 """Configuration layers: defaults -> YAML -> STREAMLSTM_* environment -> --set; errors name the key."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,37 +41,47 @@ def test_a_string_key_keeps_text_that_looks_like_a_number():
     assert load_config(overrides=["kafka.group_id=123"], environ={}).kafka.group_id == "123"
 
 
-@pytest.mark.parametrize("overrides,env,message", [
-    (["kafka.group_idd=x"], {}, "kafka.group_idd"),
-    (["kafkaa.group_id=x"], {}, "kafkaa.group_id"),
-    ([], {"STREAMLSTM_HTTP__PROT": "1"}, "http.prot"),
-    (["http.port=eighty"], {}, "http.port"),
-    ([], {"STREAMLSTM_KAFKA__CREATE_TOPICS": "perhaps"}, "kafka.create_topics"),
-    (["http.port=70000"], {}, "http.port"),
-    (["state.checkpoint_interval_ms=-5"], {}, "state.checkpoint_interval_ms"),
-    (["model.device=tpu"], {}, "model.device"),
+def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamlstm", "serve", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+def assert_stops_startup(result: subprocess.CompletedProcess, *named: str) -> None:
+    """Exit code 2 and one line that names the problem: no traceback to read through."""
+    assert result.returncode == 2, result.stderr
+    assert all(n in result.stderr for n in named), result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("sets,env,message", [
+    (["kafka.group_idd=x"], {}, "kafka.group_idd"),  # unknown key
+    (["kafkaa.group_id=x"], {}, "kafkaa.group_id"),  # unknown section
+    ([], {"STREAMLSTM_HTTP__PROT": "1"}, "http.prot"),  # unknown key from the environment
+    (["http.port=eighty"], {}, "http.port"),  # wrong type
+    ([], {"STREAMLSTM_KAFKA__CREATE_TOPICS": "perhaps"}, "kafka.create_topics"),  # not a boolean
+    (["http.port=70000"], {}, "http.port"),  # a port number that cannot be
+    (["state.checkpoint_interval_ms=-5"], {}, "state.checkpoint_interval_ms"),  # a negative interval
+    (["model.device=tpu"], {}, "model.device"),  # not one of the choices
     (["no-equals-sign"], {}, "section.key=value"),
 ])
-def test_bad_values_name_the_key(overrides, env, message):
+def test_each_bad_setting_stops_startup_naming_the_key(sets, env, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        load_config(overrides=overrides, environ=env)
+        load_config(overrides=sets, environ=env)
+    args = ["--config", str(DOCUMENTED), *(a for s in sets for a in ("--set", s))]
+    assert_stops_startup(serve(*args, env=env), message)
 
 
-def test_wrong_types_in_the_file_name_the_key_and_file(tmp_path):
+@pytest.mark.parametrize("text,named", [
+    ("kafka:\n  max_poll_records: lots\n", "kafka.max_poll_records"),  # wrong type
+    ("kafka: [1, 2\n", "not valid YAML"),
+    ("kafka:\n  bootstrap_server: 127.0.0.1:1\n", "kafka.bootstrap_server"),  # unknown key
+    ("- a list\n", "mapping"),  # not a mapping of sections
+])
+def test_each_bad_config_file_stops_startup_naming_the_file_and_key(tmp_path, text, named):
     file = tmp_path / "c.yaml"
-    file.write_text("kafka:\n  max_poll_records: lots\n")
-    with pytest.raises(ConfigError, match=r"kafka\.max_poll_records.*c\.yaml"):
-        load_config(file, environ={})
-    file.write_text("kafka: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(file, environ={})
+    file.write_text(text)
+    assert_stops_startup(serve("--config", str(file)), named, str(file))
 
 
-def test_serve_with_a_bad_config_exits_2_with_one_line(tmp_path):
-    file = tmp_path / "c.yaml"
-    file.write_text("kafka:\n  bootstrap_server: 127.0.0.1:1\n")
-    result = subprocess.run([sys.executable, "-m", "streamlstm", "serve", "--config", str(file)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert "kafka.bootstrap_server" in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_a_missing_config_file_stops_startup_naming_it(tmp_path):
+    assert_stops_startup(serve("--config", str(tmp_path / "absent.yaml")), str(tmp_path / "absent.yaml"))

@@ -1,18 +1,17 @@
 """The daemon end to end, against the real embedded broker, as a real subprocess."""
 
+import itertools
 import json
 import random
 import re
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from conftest import (
-    DaemonProcess,
     consume_exactly,
     event_value,
     http_get,
@@ -22,50 +21,74 @@ from conftest import (
 )
 
 from streamlstm.config import KafkaConfig
+from streamlstm.events import REASONS
 from streamlstm.kafka_io import DLQ_REASON, DLQ_SOURCE, ensure_topics
 
-KEYS, GOOD_EVENTS = 320, 6400
-
-BAD_VALUES = {  # reason -> a malformed value (keys are fine unless the reason is about the key)
-    "not_json": b'{"features": [1, 2',
-    "not_utf8": b"\xff\xfe\xfd",
-    "not_object": b"[1, 2, 3]",
-    "missing_features": b'{"ts": 1}',
-    "wrong_feature_count": b'{"features": [1, 2]}',
-    "unknown_feature": b'{"features": {"load": 1, "temp": 2, "hour": 3, "wind": 4}}',
-    "non_finite_feature": b'{"features": [1, NaN, 3]}',
-    "non_numeric_feature": b'{"features": [1, "warm", 3]}',
-    "value_too_large": b'{"features": [1, 2, 3]}' + b" " * 70_000,  # events.max_value_bytes: 65536
-}
+KEYS, GOOD_EVENTS = 320, 4800
+FEATURE_MEAN = (10.0, 20.0, 12.0)  # make_model's training means: what replace_with_mean puts in
 
 
-def workload(seed: int = 3):
-    """Good events of KEYS keys, interleaved, each with a unique ts; bad events sprinkled among them."""
+def bad_event(reason: str, key: bytes, ts: int) -> tuple[bytes | None, bytes]:
+    """An event that is wrong in exactly one way; most keep the good events' key."""
+    value = {
+        "not_utf8": b"\xff\xfe\xfd",
+        "not_json": b'{"features": [1, 2',
+        "not_object": b"[1, 2, 3]",
+        "unknown_field": b'{"features": [1, 2, 3], "colour": "red"}',
+        "missing_features": b'{"ts": 1}',
+        "wrong_feature_count": b'{"features": [1, 2]}',
+        "unknown_feature": b'{"features": {"load": 1, "temp": 2, "hour": 3, "wind": 4}}',
+        "missing_feature": b'{"features": {"load": 1, "temp": 2}}',
+        "non_numeric_feature": b'{"features": [1, "warm", 3], "ts": %d}' % ts,
+        "non_finite_feature": b'{"features": [1, NaN, 3], "ts": %d}' % ts,
+        "bad_ts": b'{"features": [1, 2, 3], "ts": "noon"}',
+        "bad_control": b'{"features": [1, 2, 3], "reset": "yes"}',
+        "value_too_large": b'{"features": [1, 2, 3]}' + b" " * 70_000,  # events.max_value_bytes: 65536
+    }.get(reason, event_value([1, 2, 3], ts))
+    return {"bad_key": b"", "key_too_large": b"k" * 2000}.get(reason, key), value  # max_key_bytes: 1024
+
+
+REPLACEABLE = {"non_numeric_feature", "non_finite_feature"}  # the temp value; accepted under replace_with_mean
+
+
+def workload(replace: bool, seed: int = 3) -> tuple[list[dict], list[tuple[bytes | None, bytes]], Counter]:
+    """Good events of KEYS keys, interleaved, each with a unique ts; after two good events in three a bad
+    one (40 % of the stream), of every kind in turn, mostly with the same key as the good one before it.
+
+    Returns the events the daemon must predict (in stream order), the stream, and the expected dead
+    letters as (reason, value) counts.
+    """
     rng = random.Random(seed)
-    good, stream = [], []
+    good, stream, dead, kinds = [], [], Counter(), itertools.cycle(REASONS)
     for i in range(GOOD_EVENTS):
         key = f"meter-{rng.randrange(KEYS)}" if i >= KEYS else f"meter-{i}"
         features = [round(rng.gauss(10, 3), 4), round(rng.gauss(20, 5), 4), rng.randrange(24)]
         good.append({"key": key, "features": features, "ts": 1_700_000_000_000 + i})
         stream.append((key.encode(), event_value(features, 1_700_000_000_000 + i)))
-        if i % 10 == 5:
-            reason = rng.choice(sorted(BAD_VALUES))
-            stream.append((key.encode(), BAD_VALUES[reason]))
+        if i % 3:
+            reason, ts = next(kinds), 1_800_000_000_000 + i
+            stream.append(bad_event(reason, key.encode(), ts))
+            if replace and reason in REPLACEABLE:
+                good.append({"key": key, "features": [1, FEATURE_MEAN[1], 3], "ts": ts})
+            else:
+                dead[reason, stream[-1][1]] += 1
     stream.append((None, event_value([1, 2, 3])))  # no key at all
-    stream.append((b"k" * 2000, event_value([1, 2, 3])))  # events.max_key_bytes: 1024
-    return good, stream
+    dead["bad_key", stream[-1][1]] += 1
+    return good, stream, dead
 
 
-def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker, model_dir, daemon_factory):
-    good, stream = workload()
-    daemon = daemon_factory()
+@pytest.mark.parametrize("policy", ["reject", "replace_with_mean"])
+def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker, model_dir, daemon_factory,
+                                                                 policy):
+    good, stream, dead = workload(replace=policy == "replace_with_mean")
+    assert sum(dead.values()) >= 0.3 * len(stream) and {r for r, _ in dead} >= set(REASONS) - REPLACEABLE
+    daemon = daemon_factory(events__invalid_feature=policy)
     ensure_topics(KafkaConfig(**daemon.kafka))
     produce(broker, daemon.topic, stream)  # all before the daemon starts: polls hold keys many times
     daemon.start()
 
-    published = consume_exactly(broker, daemon.kafka["output_topic"], GOOD_EVENTS)
-    bad = len(stream) - GOOD_EVENTS
-    dead = consume_exactly(broker, daemon.kafka["dlq_topic"], bad)
+    published = consume_exactly(broker, daemon.kafka["output_topic"], len(good))
+    letters = consume_exactly(broker, daemon.kafka["dlq_topic"], sum(dead.values()))
 
     expected = offline_predictions(tmp_path, model_dir, good)
     seen = set()
@@ -79,25 +102,24 @@ def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker
         worst = max(worst, max(abs(a - b) for a, b in zip(p["prediction"], want["prediction"])))
         seen.add((p["source"]["partition"], p["source"]["offset"]))
     assert worst <= 1e-5
-    assert len(seen) == GOOD_EVENTS and len({part for part, _ in seen}) == 4
+    assert len(seen) == len(good) and len({part for part, _ in seen}) == 4
 
-    reasons = Counter(dict(r.headers)[DLQ_REASON].decode() for r in dead)
-    originals = Counter(r.value for r in dead)
-    assert reasons["bad_key"] == reasons["key_too_large"] == 1
-    assert set(reasons) - {"bad_key", "key_too_large"} == set(BAD_VALUES)
-    assert all(originals[v] == reasons[r] for r, v in BAD_VALUES.items())  # bytes untouched
-    assert all(dict(r.headers)[DLQ_SOURCE].decode().startswith(daemon.topic + "/") for r in dead)
+    # every bad event, with its reason and its original bytes, and where it came from
+    assert Counter((dict(r.headers)[DLQ_REASON].decode(), r.value) for r in letters) == dead
+    assert all(dict(r.headers)[DLQ_SOURCE].decode().startswith(daemon.topic + "/") for r in letters)
 
     daemon.wait_for(lambda: metric(http_get(daemon.port, "/metrics")[1], "streamlstm_checkpoints_total") > 0,
                     10, "a checkpoint")
     text = http_get(daemon.port, "/metrics")[1]
     assert metric(text, "streamlstm_events_consumed_total") == len(stream)
-    assert metric(text, "streamlstm_predictions_produced_total") == GOOD_EVENTS
-    for reason, count in reasons.items():
+    assert metric(text, "streamlstm_predictions_produced_total") == len(good)
+    for reason, count in Counter(r for r, _ in dead.elements()).items():
         assert metric(text, "streamlstm_events_rejected_total", f'{{reason="{reason}"}}') == count
+    replaced = len(good) - GOOD_EVENTS
+    assert metric(text, "streamlstm_features_replaced_total") == replaced and (replaced > 0) == (policy != "reject")
     assert metric(text, "streamlstm_live_keys") == KEYS
     assert metric(text, "streamlstm_assigned_partitions") == 4
-    assert metric(text, "streamlstm_step_batch_size_sum") == GOOD_EVENTS
+    assert metric(text, "streamlstm_step_batch_size_sum") == len(good)
     # more steps than polls: some polls held a key several times and advanced it in successive steps
     assert metric(text, "streamlstm_step_batch_size_count") > metric(text, "streamlstm_poll_records_count")
     assert 'streamlstm_model_info{' in text and "streamlstm_prediction_latency_seconds_bucket" in text
@@ -150,25 +172,3 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
-
-
-def test_a_daemon_started_before_its_broker_waits_alive_and_serves_when_it_appears(tmp_path, model_dir):
-    """Broker down at start for 10 s: no crash, /healthz 200 and /readyz 503 meanwhile, then serving."""
-    from streamlstm.broker import EmbeddedBroker, free_port
-
-    port = free_port()
-    absent = EmbeddedBroker(port, log_file=tmp_path / "late-broker.log")
-    daemon = DaemonProcess(tmp_path, absent, model_dir)
-    try:
-        daemon.start(wait_ready=False)
-        daemon.wait_for(lambda: http_get(daemon.port, "/healthz")[0] == 200, 30, "the http endpoints")
-        assert http_get(daemon.port, "/readyz")[0] == 503
-        time.sleep(10)  # the scenario: the broker stays away for 10 s
-        assert http_get(daemon.port, "/healthz")[0] == 200 and http_get(daemon.port, "/readyz")[0] == 503
-        with absent as broker:
-            daemon.wait_for(lambda: http_get(daemon.port, "/readyz")[0] == 200, 90, "ready once the broker is up")
-            produce(broker, daemon.topic, [(b"late", event_value([1, 2, 3]))])
-            assert json.loads(consume_exactly(broker, daemon.kafka["output_topic"], 1)[0].value)["step"] == 1
-            assert daemon.stop() == 0
-    finally:
-        daemon.kill()

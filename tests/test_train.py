@@ -200,3 +200,17 @@ def test_train_and_predict_commands_hand_over_one_artifact(sine_file: Path, tmp_
         [sys.executable, "-m", "streamlstm", "train", "--data", str(sine_file), "--out", str(out),
          "--set", "train.epochs=many"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "train.epochs" in bad.stderr
+
+
+def test_data_that_cannot_make_a_model_stops_train_with_exit_2(tmp_path: Path) -> None:
+    """Two events per key leave nothing once train.holdout_events are held out: a message, no traceback."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps({"key": f"k{i % 3}", "features": [i, 1.0]}) + "\n" for i in range(6)))
+    result = subprocess.run([sys.executable, "-m", "streamlstm", "train", "--data", str(data), "--out",
+                             str(tmp_path / "m")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "no training targets" in result.stderr and str(data) in result.stderr
+    assert "Traceback" not in result.stderr
