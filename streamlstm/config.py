@@ -39,6 +39,15 @@ class KafkaConfig:
     fetch_max_wait_ms: int = 20
     processing_guarantee: str = "at_least_once"
     transactional_id: str = ""
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    sasl_plain_username: str = ""
+    sasl_plain_password: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    ssl_password: str = ""
+    ssl_check_hostname: bool = True
 
     def transactional_id_or_default(self) -> str:
         """Stable per instance, so a restarted instance fences its predecessor and aborts its transaction."""
@@ -111,6 +120,8 @@ class Config:
 _CHOICES = {
     ("kafka", "auto_offset_reset"): ("earliest", "latest"),
     ("kafka", "processing_guarantee"): ("at_least_once", "exactly_once"),
+    ("kafka", "security_protocol"): ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    ("kafka", "sasl_mechanism"): ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
     ("state", "ttl_clock"): ("processing_time", "event_time"),
     ("events", "invalid_feature"): ("reject", "replace_with_mean"),
     ("model", "device"): ("auto", "cpu", "cuda"),

@@ -35,6 +35,9 @@ PRODUCER_SETTINGS = {"acks": "all", "linger_ms": 5, "batch_size": 256 * 1024, "m
                      "request_timeout_ms": 10000, "delivery_timeout_ms": 20000}
 CONSUMER_CALL_TIMEOUT_MS = 5000  # commits and committed-offset lookups while the broker is away
 
+SECURITY_KEYS = ("security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password", "ssl_cafile",
+                 "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_check_hostname")
+
 DLQ_REASON = "streamlstm.reason"
 DLQ_DETAIL = "streamlstm.detail"
 DLQ_SOURCE = "streamlstm.source"
@@ -51,9 +54,19 @@ class Failure(NamedTuple):
     error: Exception
 
 
+def client_settings(cfg: KafkaConfig) -> dict[str, object]:
+    """The SASL/TLS settings every client gets, as kafka-python names them; an empty one is kafka-python's None."""
+    return {key: getattr(cfg, key) if getattr(cfg, key) != "" else None for key in SECURITY_KEYS}
+
+
+def _admin(cfg: KafkaConfig) -> KafkaAdminClient:
+    return KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-admin",
+                            **client_settings(cfg))
+
+
 def ensure_topics(cfg: KafkaConfig) -> None:
     """Create the input, output and dead-letter topics where missing."""
-    admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-admin")
+    admin = _admin(cfg)
     try:
         missing = {cfg.input_topic, cfg.output_topic, cfg.dlq_topic} - set(admin.list_topics())
         for topic in sorted(missing):
@@ -72,7 +85,7 @@ def ensure_changelog(cfg: KafkaConfig, changelog: str) -> int:
     Returns the partition count. A changelog with another partition count would put keys' state in the
     wrong partitions, so it stops startup.
     """
-    admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-admin")
+    admin = _admin(cfg)
     try:
         counts = {t["name"]: len(t["partitions"]) for t in admin.describe_topics([cfg.input_topic, changelog])
                   if not t.get("error_code")}
@@ -129,7 +142,7 @@ class KafkaIO:
             enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
             session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
             max_poll_records=cfg.max_poll_records, fetch_max_wait_ms=cfg.fetch_max_wait_ms,
-            isolation_level=isolation_level(cfg),
+            isolation_level=isolation_level(cfg), **client_settings(cfg),
         )
         self.consumer.subscribe([cfg.input_topic], listener=_Listener(rebalance))
 
@@ -138,6 +151,7 @@ class KafkaIO:
         producer = KafkaProducer(
             bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-producer", **PRODUCER_SETTINGS,
             transactional_id=cfg.transactional_id_or_default() if self.transactional else None,
+            **client_settings(cfg),
         )
         if self.transactional:
             producer.init_transactions()  # fences a predecessor with our id, aborting its transaction
@@ -342,7 +356,7 @@ class ChangelogReader:
         self.consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-restore", group_id=None,
             enable_auto_commit=False, max_poll_records=cfg.max_poll_records, fetch_max_wait_ms=cfg.fetch_max_wait_ms,
-            isolation_level=isolation_level(cfg),
+            isolation_level=isolation_level(cfg), **client_settings(cfg),
         )
 
     def start(self, partitions: set[int]) -> None:
