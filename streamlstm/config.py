@@ -59,6 +59,8 @@ class ModelConfig:
     path: str = "model"
     device: str = "auto"
     cpu_threads: int = 1
+    reload_interval_s: float = 10.0
+    on_reload: str = "keep_state"
 
 
 @dataclass(frozen=True)
@@ -125,9 +127,14 @@ _CHOICES = {
     ("state", "ttl_clock"): ("processing_time", "event_time"),
     ("events", "invalid_feature"): ("reject", "replace_with_mean"),
     ("model", "device"): ("auto", "cpu", "cuda"),
+    ("model", "on_reload"): ("keep_state", "reset_state"),
     ("train", "task"): ("regression", "classification"),
     ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
+
+
+# Numbers where 0 means something (a free port, no clipping, keep for ever, never look): 0 is allowed.
+_ZERO_ALLOWED = ("http.port", "train.seed", "train.grad_clip", "state.ttl_seconds", "model.reload_interval_s")
 
 
 def _sections() -> dict[str, type]:
@@ -172,7 +179,7 @@ def _validate(name: str, value: Any) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if name == "http.port" and not 0 <= value <= 65535:
             raise ConfigError(f"config: {name}: {value} is not a TCP port (0-65535)")
-        if value < 0 or (value == 0 and name not in ("http.port", "train.seed", "train.grad_clip", "state.ttl_seconds")):
+        if value < 0 or (value == 0 and name not in _ZERO_ALLOWED):
             raise ConfigError(f"config: {name}: must be positive, got {value}")
 
 
