@@ -95,12 +95,20 @@ class TrainConfig:
     targets: list = field(default_factory=list)
     hidden_size: int = 32
     num_layers: int = 2
+    horizon: int = 1
     epochs: int = 60
     learning_rate: float = 0.01
+    lr_schedule: str = "cosine"
     batch_keys: int = 64
+    tbptt_steps: int = 32
     holdout_events: int = 8
+    patience: int = 10
     grad_clip: float = 1.0
     seed: int = 0
+    csv_key_column: str = "key"
+    csv_time_column: str = "ts"
+    csv_feature_columns: list = field(default_factory=list)
+    csv_label_column: str = "label"
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,7 @@ _CHOICES = {
     ("model", "device"): ("auto", "cpu", "cuda"),
     ("model", "on_reload"): ("keep_state", "reset_state"),
     ("train", "task"): ("regression", "classification"),
+    ("train", "lr_schedule"): ("cosine", "constant"),
     ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 
