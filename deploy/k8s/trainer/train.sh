@@ -1,13 +1,11 @@
 #!/bin/sh
-# Train a model into a new release directory, then point MODELS_DIR/current at it with one rename: a
-# daemon (re)starting at any moment loads the old model or the new one, never a half-written one.
-# `streamlstm train --out` itself writes under a temporary name and renames; this keeps older releases
-# (the last KEEP_RELEASES) for a rollback: ln -sfn releases/<older> current.tmp && mv -T current.tmp current
+# Train a model into a new directory of MODELS_DIR, the daemons' model.path: `streamlstm train --out`
+# writes it under a hidden temporary name and renames it into place, and a daemon serves (and hot-reloads
+# to) the sub-directory whose model.json is newest, so it never sees a half-written model. Keeps the
+# newest KEEP_RELEASES; to roll back, touch an older one's model.json.
 set -eu
 models="${MODELS_DIR:-/models}"
-release="releases/$(date -u +%Y%m%dT%H%M%SZ)"
+release="model-$(date -u +%Y%m%dT%H%M%S.%NZ)"
 streamlstm train --data "${TRAIN_DATA:-/data/events.jsonl}" --out "$models/$release" "$@"
-ln -sfn "$release" "$models/.current.tmp"
-mv -T "$models/.current.tmp" "$models/current"
-ls -1d "$models"/releases/* | head -n "-${KEEP_RELEASES:-5}" | xargs -r rm -rf
-echo "published $release as $models/current"
+ls -1d "$models"/model-* | head -n "-${KEEP_RELEASES:-5}" | xargs -r rm -rf
+echo "published $models/$release"
