@@ -67,6 +67,25 @@ def save_artifact(model: LSTMForecaster, out: str | Path, training: dict[str, An
     return version
 
 
+def newest_artifact(path: str | Path) -> Path:
+    """The artifact that model.path names: the directory itself if it holds a model.json, else its
+    sub-directory whose model.json is newest. Hidden entries are skipped: save_artifact writes there."""
+    path = Path(path)
+    if (path / META_FILE).exists() or not path.is_dir():
+        return path
+    dated = [(written_at(d), d.name) for d in path.iterdir() if not d.name.startswith(".")]
+    dated = [(mtime, name) for mtime, name in dated if mtime is not None]
+    return path / max(dated)[1] if dated else path
+
+
+def written_at(path: Path) -> int | None:
+    """When an artifact directory was written (its model.json's mtime, ns); None if it is not one."""
+    try:
+        return (path / META_FILE).stat().st_mtime_ns
+    except OSError:  # not an artifact, or removed meanwhile
+        return None
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     file = path / META_FILE
     try:

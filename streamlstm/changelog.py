@@ -34,10 +34,14 @@ OFFSET_AT = 16  # byte position of `offset` within HEADER
 TOMBSTONE_OFFSET = "streamlstm.offset"
 
 
+def _version_field(model_version: str) -> bytes:
+    return model_version.encode("ascii")[:16].ljust(16)
+
+
 def encode(rows: Rows, model_version: str) -> list[bytes]:
     """One changelog value per key of `rows`."""
     layers, n, hidden = rows.h.shape
-    version = model_version.encode("ascii")[:16].ljust(16)
+    version = _version_field(model_version)
     width = layers * hidden
     body = np.concatenate([rows.h.transpose(1, 0, 2).reshape(n, width), rows.c.transpose(1, 0, 2).reshape(n, width)],
                           axis=1).astype("<f4")
@@ -91,16 +95,19 @@ class PartitionRestore:
             if offset >= self.latest.get(name, (-1, None))[0]:
                 self.latest[name] = (offset, value)
 
-    def rows(self, num_layers: int, hidden_size: int) -> tuple[Rows, int]:
-        """The live keys' state, and how many records had another model's shape (those keys start over)."""
+    def rows(self, num_layers: int, hidden_size: int, version: str | None = None) -> tuple[Rows, int]:
+        """The live keys' state, and how many records were incompatible (those keys start over): of
+        another model's shape, or, if `version` is given, written by another model version."""
         width = 2 * num_layers * hidden_size
         expected = HEADER.size + 4 * width
+        wanted = None if version is None else _version_field(version)
         keys, headers, bodies, mismatched = [], [], [], 0
         for key, (_, value) in self.latest.items():
             if value is None:
                 continue
             fields = HEADER.unpack_from(value)
-            if (fields[2], fields[3]) != (num_layers, hidden_size) or len(value) != expected:
+            if ((fields[2], fields[3]) != (num_layers, hidden_size) or len(value) != expected
+                    or wanted not in (None, fields[7])):
                 mismatched += 1
                 continue
             keys.append((self.shard, key))

@@ -20,13 +20,14 @@ from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
-from .artifact import load_artifact
+from .artifact import Artifact, ArtifactError, load_artifact, newest_artifact
 from .checkpoint import Checkpointer
 from .config import Config
 from .events import Event, EventDecoder, Rejection, encode_record, prediction_record
 from .http_server import HttpServer
 from .kafka_io import ChangelogReader, Failure, KafkaIO, ensure_changelog, ensure_topics
 from .metrics import Metrics
+from .model_reload import ModelWatcher
 from .predictor import StreamingPredictor, resolve_device
 from .restore import Restorer
 from .state import StateKey
@@ -72,24 +73,34 @@ class Daemon:
         self._stop = threading.Event()
         self._last_poll = time.monotonic()
         torch.set_num_threads(cfg.model.cpu_threads)
-        device = resolve_device(cfg.model.device)
-        artifact = load_artifact(cfg.model.path, device)
-        self.predictor = StreamingPredictor(artifact, device)
-        events = cfg.events
-        replace = events.invalid_feature == "replace_with_mean"
-        self.decoder = EventDecoder(artifact.spec.features, events.max_key_bytes, events.max_value_bytes,
-                                    artifact.spec.feature_mean if replace else None)
+        self.device = resolve_device(cfg.model.device)
+        artifact = load_artifact(newest_artifact(cfg.model.path), self.device)
+        self.watcher = ModelWatcher(cfg.model.path, artifact.path, self.device, cfg.model.reload_interval_s)
+        self._serve(artifact, StreamingPredictor(artifact, self.device))
         self.changelog_topic = cfg.state.changelog_for(cfg.kafka)
         self.ttl_ms = int(cfg.state.ttl_seconds * 1000)
-        spec = artifact.spec
-        self.metrics.model.info({"version": artifact.version, "task": spec.task, "device": str(device),
-                                 "hidden_size": str(spec.hidden_size), "num_layers": str(spec.num_layers)})
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.exposition, self.healthy, self.ready)
         self.restorer: Restorer | None = None
         self.io: KafkaIO | None = None
         self.backoff = Backoff()
         self._redoing: set[int] = set()  # partitions rewound and not committed since: backoff not over
-        log.info("model %s loaded from %s on %s", artifact.version, cfg.model.path, device)
+        log.info("model %s loaded from %s on %s", artifact.version, artifact.path, self.device)
+
+    def _serve(self, artifact: Artifact, predictor: StreamingPredictor) -> None:
+        """Make `predictor` the one that steps, with the event decoder and model info that go with it."""
+        self.predictor = predictor
+        events, spec = self.cfg.events, artifact.spec
+        replace = events.invalid_feature == "replace_with_mean"
+        self.decoder = EventDecoder(spec.features, events.max_key_bytes, events.max_value_bytes,
+                                    spec.feature_mean if replace else None)
+        self.metrics.model.info({"version": artifact.version, "task": spec.task, "device": str(self.device),
+                                 "hidden_size": str(spec.hidden_size), "num_layers": str(spec.num_layers)})
+
+    def _accepts(self) -> tuple[int, int, str | None]:
+        """The changelog state the served model can take on: its shape, and under reset_state its version."""
+        spec = self.predictor.model.spec
+        keep = self.cfg.model.on_reload == "keep_state"
+        return spec.num_layers, spec.hidden_size, None if keep else self.predictor.version
 
     def healthy(self) -> tuple[bool, str]:
         """Live while the loop progresses; waiting for an unreachable broker is progress, not a hang."""
@@ -122,7 +133,7 @@ class Daemon:
             return
         table = self.predictor.table
         self.restorer = Restorer(io, ChangelogReader(kafka, self.changelog_topic), table, self.metrics,
-                                 self.predictor.model.spec.num_layers, self.predictor.model.spec.hidden_size)
+                                 self._accepts())
         self.checkpointer = Checkpointer(io, table, self.metrics, self.changelog_topic, self.cfg.state,
                                          self.predictor.version)
         log.info("consuming %s as group %s from %s; state in %s", kafka.input_topic, kafka.group_id,
@@ -136,6 +147,7 @@ class Daemon:
         finally:
             # Everything is committed; kafka-python 3 may log a race on its own closing sockets as an error.
             logging.getLogger("kafka.net.transport").setLevel(logging.CRITICAL)
+            self.watcher.close()
             self.restorer.reader.close()
             io.close()
             self.http.stop()
@@ -181,6 +193,7 @@ class Daemon:
                 if records:
                     self._process(io, records)
                 self.restorer.step()
+                self._reload(io)
                 if time.monotonic() >= next_checkpoint:
                     self._checkpoint(io)
                     self._report_lag(io)
@@ -220,6 +233,32 @@ class Daemon:
         self._redoing |= {tp.partition for tp in partitions}
         self.metrics.rewinds.inc(len(partitions))
         io.reopen_producer()
+
+    def _reload(self, io: KafkaIO) -> None:
+        """Swap in a newer model between two steps, or report one that failed to load and keep serving.
+
+        A checkpoint first, so a replay after a crash never crosses the swap. The keys keep their state
+        under keep_state if the shapes agree; otherwise every key starts from zero with the new model.
+        """
+        loaded = self.watcher.poll()
+        if isinstance(loaded, ArtifactError):
+            self.metrics.reloads.labels("failed").inc()
+            log.error("model reload failed, still serving %s: %s", self.predictor.version, loaded)
+            return
+        if loaded is None or loaded.version == self.predictor.version:
+            return
+        self._checkpoint(io)
+        old, spec, table = self.predictor.version, loaded.spec, self.predictor.table
+        keep = self._accepts()[:2] == (spec.num_layers, spec.hidden_size) and self.cfg.model.on_reload == "keep_state"
+        if not keep:
+            table.restart(spec.num_layers, spec.hidden_size)
+        self._serve(loaded, StreamingPredictor(loaded, self.device, table=table))
+        self.restorer.accepts = self._accepts()
+        self.checkpointer.model_version = loaded.version
+        self.metrics.reloads.labels("swapped").inc()
+        self.metrics.live_keys.set(len(table))
+        log.info("model %s swapped in from %s (was %s); keys' state %s", loaded.version, loaded.path, old,
+                 "carried over" if keep else "restarted from zero")
 
     # Rebalance callbacks: on kafka-python's IO thread, while the loop above waits inside poll().
     def on_revoked(self, partitions: set[TopicPartition]) -> None:

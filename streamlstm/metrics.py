@@ -80,6 +80,9 @@ class Metrics:
         self.last_poll = Gauge("streamlstm_last_poll_timestamp_seconds", "When the poll loop last polled.",
                                registry=r)
         self.model = Info("streamlstm_model", "The model being served.", registry=r)
+        self.reloads = Counter("streamlstm_model_reloads_total",
+                               "Newer artifacts found under model.path: swapped (now serving) or failed (not "
+                               "loadable; the previous model keeps serving).", ["result"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -52,13 +52,14 @@ class Advance(NamedTuple):
 
 class StreamingPredictor:
     def __init__(self, artifact: Artifact, device: torch.device, cuda_graphs: bool = True,
-                 max_batch: int = 8192) -> None:
+                 max_batch: int = 8192, table: StateTable | None = None) -> None:
+        """`table`: the keys' state to carry on with (a model swapped in); it must have this model's shape."""
         self.model = artifact.model.to(device)
         self.version = artifact.version
         self.device = device
         self.layers = layer_weights(self.model.lstm)
         spec = artifact.spec
-        self.table = StateTable(spec.num_layers, spec.hidden_size, device)
+        self.table = table if table is not None else StateTable(spec.num_layers, spec.hidden_size, device)
         self.step_stats: list[tuple[int, float]] = []
         self.graphed = GraphedStep(self.model, self.table, max_batch) if cuda_graphs and device.type == "cuda" else None
         self._mean = self.model.feature_mean.cpu().numpy()

@@ -25,12 +25,12 @@ RESTORE_POLL_MS = 50
 
 class Restorer:
     def __init__(self, io: KafkaIO, reader: ChangelogReader, table: StateTable, metrics: Metrics,
-                 num_layers: int, hidden_size: int) -> None:
+                 accepts: tuple[int, int, str | None]) -> None:
         self.io = io
         self.reader = reader
         self.table = table
         self.metrics = metrics
-        self.shape = (num_layers, hidden_size)
+        self.accepts = accepts  # (num_layers, hidden_size, model version or None for any): what state fits
         self.assigned: set[TopicPartition] = set()
         self.restored_once = False  # every partition of an assignment (even an empty one) is restored
         self._waiting: set[TopicPartition] = set()
@@ -140,7 +140,7 @@ class Restorer:
     def _finish(self, partition: int) -> None:
         fold, started = self._active.pop(partition)
         self.reader.stop({partition})
-        state, incompatible = fold.rows(*self.shape)
+        state, incompatible = fold.rows(*self.accepts)
         self.table.load(state)
         tp = TopicPartition(self.io.cfg.input_topic, partition)
         self._reflects[tp] = fold.cut

@@ -159,11 +159,24 @@ class StateTable:
 
     def forget_shard(self, shard: int) -> int:
         """Remove a shard's keys from memory only (it moved elsewhere); its changelog stays as it is."""
-        rows = np.flatnonzero(self.shards == shard).tolist()
+        count = self._forget(np.flatnonzero(self.shards == shard).tolist())
+        self._dropped = [(key, offset) for key, offset in self._dropped if key[0] != shard]
+        return count
+
+    def restart(self, num_layers: int, hidden_size: int) -> None:
+        """Forget every key and take on a state shape: a new model that does not carry the old state on.
+
+        Nothing is tombstoned: the restore rule skips the old model's records for the new one.
+        """
+        self._forget(np.flatnonzero(self.shards >= 0).tolist())
+        if (num_layers, hidden_size) != (self.h.shape[0], self.h.shape[2]):
+            self.h = torch.zeros(num_layers, len(self._keys), hidden_size, device=self.device)
+            self.c = torch.zeros_like(self.h)
+
+    def _forget(self, rows: list[int]) -> int:
         for row in rows:
             del self._rows[self._keys[row]]
             self._release(row)
-        self._dropped = [(key, offset) for key, offset in self._dropped if key[0] != shard]
         return len(rows)
 
     def expire(self, cutoffs: dict[int, int]) -> list[StateKey]:

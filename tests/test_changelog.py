@@ -78,3 +78,15 @@ def test_a_table_loaded_from_its_own_changes_continues_exactly():
         assert torch.equal(mine, theirs)
     assert other.steps[again].tolist() == [1, 1] and other.offsets[again.numpy()].tolist() == [4, 5]
     assert other.take_changes().changed.keys == []
+
+
+def test_under_reset_state_only_the_served_versions_records_are_restored():
+    """model.on_reload: reset_state restores no state written by another model version (those keys start
+    over, counted as incompatible); keep_state restores any record of the right shape."""
+    restore = PartitionRestore(shard=0, cut=100)
+    for version, rows in (("old-model", rows_of([(0, "a")], [1])), ("new-model", rows_of([(0, "b")], [2]))):
+        for key, value in zip(rows.keys, changelog.encode(rows, version)):
+            restore.add(key[1].encode(), value, [])
+    assert restore.rows(2, 3)[0].keys == [(0, "a"), (0, "b")]
+    state, incompatible = restore.rows(2, 3, "new-model")
+    assert state.keys == [(0, "b")] and incompatible == 1
