@@ -18,7 +18,7 @@ from pathlib import Path
 from .artifact import ArtifactError
 from .config import ConfigError, load_config
 from .kafka_io import TopicError
-from .train import TrainingDataError
+from .training_data import TrainingDataError
 
 USAGE_ERROR = 2
 
@@ -51,8 +51,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     _configure_logging(cfg.log.level)
     from .train import train
+    from .training_data import read_kafka
 
-    artifact = train(args.data, args.out, cfg.train, log=lambda line: print(line, file=sys.stderr, flush=True))
+    data = read_kafka(cfg.kafka, args.topic) if args.topic else args.data
+    artifact = train(data, args.out, cfg.train, log=lambda line: print(line, file=sys.stderr, flush=True),
+                     progress=sys.stderr if sys.stderr.isatty() else None, resume=args.resume)
     print(json.dumps({"model": str(args.out), "version": artifact.version, "training": artifact.training}))
     return 0
 
@@ -103,9 +106,14 @@ def parser() -> argparse.ArgumentParser:
     with_config(serve, required=True)
     serve.set_defaults(func=cmd_serve)
 
-    train = sub.add_parser("train", help="train a model artifact from a JSONL event file")
-    train.add_argument("--data", required=True, help="JSONL events: the wire format plus 'key'")
+    train = sub.add_parser("train", help="train a model artifact from an event file or a Kafka topic")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="JSONL events (the wire format plus 'key'), or a .csv file (train.csv_*)")
+    source.add_argument("--topic", help="Kafka topic of events, read from the beginning to its current end "
+                        "(kafka.bootstrap_servers and security settings from the config)")
     train.add_argument("--out", required=True, help="model directory to write")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run of the same data and settings from its checkpoint")
     with_config(train, required=False)
     train.set_defaults(func=cmd_train)
 

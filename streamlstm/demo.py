@@ -27,8 +27,10 @@ from .datasets import TourismFiles, tail_mae, write_tourism_events
 from .kafka_io import ensure_topics
 from .train import train
 
-# Chosen on the in-sample holdout (val MAE 0.150 vs naive 0.372); ~13 s on 2 cores.
-DEMO_TRAINING = TrainConfig(hidden_size=64, num_layers=1, epochs=100, learning_rate=0.01, seed=0)
+# Chosen on the in-sample holdout (val MAE 0.148 vs naive 0.372; 32-event TBPTT chunks beat whole
+# histories, 0.176, at the same cost); ~12 s on 2 cores.
+DEMO_TRAINING = TrainConfig(hidden_size=64, num_layers=1, epochs=40, learning_rate=0.02, batch_keys=32,
+                            tbptt_steps=32, seed=0)
 TICKS_PER_SECOND = 10  # quarters replayed per second (~4 300 events/s): a live-like pace within capacity
 MALFORMED = [(b"Q1", b"{not json"), (b"Q2", b'{"features": [1, 2]}'), (None, b'{"features": [7.0]}')]
 

@@ -187,3 +187,19 @@ def decode_line(decoder: EventDecoder, obj: Any, extra_fields: frozenset[str] = 
     if not isinstance(key, str) or not key:
         return Rejection("bad_key", "the record's 'key' is missing, empty or not a string")
     return decoder.decode_object(key, body, extra_fields)
+
+
+def sequences(events: Sequence[Event]) -> list[list[int]]:
+    """Positions of the events of each sequence: a key's events between resets and ends, as the daemon
+    advances them."""
+    open_: dict[str, list[int]] = {}
+    done: list[list[int]] = []
+    for i, event in enumerate(events):
+        if event.key in open_ and (event.reset or event.features is None):
+            done.append(open_.pop(event.key))
+        if event.features is None:
+            continue
+        open_.setdefault(event.key, []).append(i)
+        if event.end:
+            done.append(open_.pop(event.key))
+    return [seq for seq in done + list(open_.values()) if seq]

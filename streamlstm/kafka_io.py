@@ -10,6 +10,7 @@ Knows nothing of torch or models.
 from __future__ import annotations
 
 import logging
+import time
 from typing import NamedTuple, Protocol
 
 from kafka import (
@@ -402,3 +403,37 @@ class _Listener(ConsumerRebalanceListener):
 
     def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
         self.rebalance.on_lost(set(lost))
+
+
+def read_topic(cfg: KafkaConfig, topic: str, stall_timeout_s: float = 30.0) -> list[ConsumerRecord]:
+    """Every record of every partition of `topic`, from the beginning to its end when reading started.
+
+    The end is the fetch high watermark seen first: Tansu 0.6 answers ListOffsets(latest) with wrong
+    offsets. Records appended meanwhile are left out, so the read ends even while producers write.
+    """
+    consumer = KafkaConsumer(bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-train",
+                             group_id=None, enable_auto_commit=False, max_poll_records=cfg.max_poll_records,
+                             isolation_level=isolation_level(cfg), **client_settings(cfg))
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if not partitions:
+            raise TopicError(f"topic {topic!r} does not exist on {cfg.bootstrap_servers}")
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends: dict[TopicPartition, int] = {}
+        records: list[ConsumerRecord] = []
+        deadline = time.monotonic() + stall_timeout_s
+        while len(ends) < len(partitions) or any(consumer.position(tp) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise TopicError(f"topic {topic!r}: no progress reading to its end for {stall_timeout_s:.0f} s "
+                                 f"(read {len(records)} records); is {cfg.bootstrap_servers} reachable?")
+            polled = consumer.poll(timeout_ms=200)
+            for tp in partitions:
+                if tp not in ends and consumer.highwater(tp) is not None:
+                    ends[tp] = consumer.highwater(tp)
+            for tp, batch in polled.items():
+                records.extend(r for r in batch if r.offset < ends.get(tp, r.offset + 1))
+                deadline = time.monotonic() + stall_timeout_s
+        return records
+    finally:
+        consumer.close()

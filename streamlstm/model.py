@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 TASKS = ("regression", "classification")
+State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each [layers, keys, hidden]
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,13 @@ class LSTMForecaster(nn.Module):
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw features [keys, time, features] from zero state -> head outputs (pre-activation)."""
-        out, _ = self.lstm(self.normalise(raw))
-        return self.head(out)
+        return self.run(raw)[0]
+
+    def run(self, raw: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Like forward, but from `state` (zero when None), returning the final (h, c) too, so a long
+        history can be run in chunks that continue one another."""
+        out, state = self.lstm(self.normalise(raw), state)
+        return self.head(out), state
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         """Head outputs -> what is published: raw-unit values, or class probabilities."""

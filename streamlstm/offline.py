@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .artifact import Artifact
-from .events import Event
+from .events import Event, sequences
 
 
 @torch.inference_mode()
@@ -26,7 +26,7 @@ def score_events(
     Control-only events (no features) end a sequence and get no prediction: their rows stay zero.
     """
     model = artifact.model
-    groups = sorted(_sequences(events), key=len)
+    groups = sorted(sequences(events), key=len)
     predictions = np.zeros((len(events), model.spec.output_size), dtype=np.float32)
     steps = np.zeros(len(events), dtype=np.int64)
     device = next(model.parameters()).device
@@ -42,17 +42,3 @@ def score_events(
             steps[positions] = np.arange(1, len(positions) + 1)
     return predictions, steps
 
-
-def _sequences(events: Sequence[Event]) -> list[list[int]]:
-    """Positions of the events of each sequence: a key's events between resets and ends."""
-    open_: dict[str, list[int]] = {}
-    done: list[list[int]] = []
-    for i, event in enumerate(events):
-        if event.key in open_ and (event.reset or event.features is None):
-            done.append(open_.pop(event.key))
-        if event.features is None:
-            continue
-        open_.setdefault(event.key, []).append(i)
-        if event.end:
-            done.append(open_.pop(event.key))
-    return [seq for seq in done + list(open_.values()) if seq]

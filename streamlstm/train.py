@@ -1,21 +1,22 @@
-"""A first, simple trainer: whole per-key histories from zero state, exactly as the daemon serves them.
+"""The trainer: each key's history from zero state, as the daemon serves it, in truncated-BPTT chunks.
 
-Each key's events run through `LSTMForecaster.forward` from zero state, so the model is trained in the
-regime it is served in (no windows, no carried state). The last `holdout_events` targets of every key
-are held out by time, and the validation metrics are computed with `score_events`, the offline
-reference, so they describe what the daemon will publish rather than the training forward pass.
+Many keys run side by side in a batch (padded and masked), each from zero state; every
+`train.tbptt_steps` events the loss of the chunk takes an optimiser step and h, c carry on, detached,
+into the next chunk. So the model learns on states that have seen the whole history before, the regime
+the daemon serves in, not on short windows from zero. The last `holdout_events` targets of each key are
+held out by time for early stopping, and the final metrics come from `evaluate`, which runs the offline
+reference the daemon equals.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -24,144 +25,19 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .artifact import Artifact, load_artifact, save_artifact
 from .config import TrainConfig
-from .events import (
-    LABEL_FIELD,
-    Event,
-    EventDecoder,
-    Rejection,
-    decode_line,
-    read_event_lines,
-)
+from .evaluate import validation_metrics
 from .model import LSTMForecaster, ModelSpec
-from .offline import score_events
-
-PROBABILITY_FLOOR = 1e-12  # keeps the log-loss finite when a class gets probability 0
-
-
-class TrainingDataError(ValueError):
-    """The data (with the train settings) cannot make a model; the message says what is missing."""
-
-
-@dataclass
-class EventFile:
-    """The accepted events of a training file, in file order, with their labels and the rejections."""
-
-    features: tuple[str, ...]
-    events: list[Event]
-    labels: list[str | int | None]
-    rejected: Counter[str]
-
-
-@dataclass
-class KeySeries:
-    """One key's history as arrays; `train` and `valid` mark which events carry a target of each part.
-
-    `targets` holds raw values [n, outputs] for regression and class indices [n] for classification;
-    rows without a target hold zeros and are never read.
-    """
-
-    positions: list[int]
-    inputs: np.ndarray
-    targets: np.ndarray
-    train: np.ndarray
-    valid: np.ndarray
-
-
-def feature_names(records: Sequence[Any]) -> tuple[str, ...]:
-    """Names from the first record with object features (their order is the model's), else f0..f{n-1}.
-
-    Object features are preferred because they carry names; list features only carry a count.
-    """
-    features = [r.get("features") for r in records if isinstance(r, dict)]
-    for raw in features:
-        if isinstance(raw, dict) and raw:
-            return tuple(raw)
-    for raw in features:
-        if isinstance(raw, list) and raw:
-            return tuple(f"f{i}" for i in range(len(raw)))
-    raise TrainingDataError("train: no line has non-empty 'features' (a list or an object); nothing to train on")
-
-
-def _label(obj: Any) -> str | int | None | Rejection:
-    """A record's label: an int or a string, None when absent; anything else is not a usable class."""
-    label = obj.get(LABEL_FIELD)
-    if label is None or (isinstance(label, (int, str)) and not isinstance(label, bool)):
-        return label
-    return Rejection("bad_label", f"'label' must be an int or a string, got {label!r}")
-
-
-def read_training_events(path: str | Path) -> EventFile:
-    """Decode a JSONL event file with the same checks as the wire format, plus an optional 'label'."""
-    records = [obj for _, obj in read_event_lines(path)]
-    names = feature_names(records)
-    decoder = EventDecoder(names)
-    events: list[Event] = []
-    labels: list[str | int | None] = []
-    rejected: Counter[str] = Counter()
-    for obj in records:
-        event = decode_line(decoder, obj, extra_fields=frozenset({LABEL_FIELD}))
-        label = event if isinstance(event, Rejection) else _label(obj)
-        if isinstance(label, Rejection):
-            rejected[label.reason] += 1
-            continue
-        events.append(event)
-        labels.append(label)
-    return EventFile(names, events, labels, rejected)
-
-
-def class_names(labels: Sequence[str | int | None]) -> tuple[str, ...]:
-    """Distinct labels as strings, integers in numeric order before other strings, for a stable order."""
-    names = {str(label) for label in labels if label is not None}
-    return tuple(sorted(names, key=lambda s: (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)))
-
-
-def target_indices(features: Sequence[str], targets: Sequence[str]) -> list[int]:
-    """Positions of the regression targets among the features; the first feature by default."""
-    unknown = [t for t in targets if t not in features]
-    if unknown:
-        raise TrainingDataError(f"train.targets: {unknown} are not features of the data ({list(features)})")
-    return [features.index(t) for t in targets] if targets else [0]
-
-
-def model_outputs(data: EventFile, cfg: TrainConfig) -> tuple[tuple[str, ...], list[int]]:
-    """What the model predicts: the target features and their columns, or the classes (no columns)."""
-    if cfg.task == "classification":
-        if cfg.targets:
-            raise TrainingDataError("train.targets applies to regression only; classification predicts 'label'")
-        if not any(label is not None for label in data.labels):
-            raise TrainingDataError("train: task is classification but no accepted event has a 'label'")
-        return class_names(data.labels), []
-    column = target_indices(data.features, cfg.targets)
-    return tuple(data.features[i] for i in column), column
-
-
-def key_series(data: EventFile, outputs: tuple[str, ...], task: str, holdout: int) -> list[KeySeries]:
-    """Group events per key (file order is time order), attach each event's target and split by time.
-
-    A regression target is the next event's value of the output features (horizon 1), so a key's last
-    event has none; a classification target is the event's own label. The last `holdout` targets of
-    each key are validation, the earlier ones training.
-    """
-    by_key: dict[str, list[int]] = {}
-    for i, event in enumerate(data.events):
-        by_key.setdefault(event.key, []).append(i)
-    column = [data.features.index(o) for o in outputs] if task == "regression" else []
-    class_index = {name: i for i, name in enumerate(outputs)}
-    series = []
-    for positions in by_key.values():
-        inputs = np.array([data.events[i].features for i in positions], dtype=np.float32)
-        n = len(positions)
-        if task == "regression":
-            targets = np.zeros((n, len(column)), dtype=np.float32)
-            targets[:-1] = inputs[1:, column]
-            has_target = np.arange(n) < n - 1
-        else:
-            labels = [data.labels[i] for i in positions]
-            targets = np.array([0 if lab is None else class_index[str(lab)] for lab in labels], dtype=np.int64)
-            has_target = np.array([lab is not None for lab in labels])
-        valid = has_target & (np.cumsum(has_target[::-1])[::-1] <= holdout)
-        series.append(KeySeries(positions, inputs, targets, has_target & ~valid, valid))
-    return series
+from .progress import ProgressBar
+from .train_checkpoint import History, TrainingCheckpoint, fingerprint
+from .training_data import (
+    KeySeries,
+    TrainingData,
+    TrainingDataError,
+    key_series,
+    model_outputs,
+    read_training_data,
+    training_part,
+)
 
 
 def _stats(values: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -172,13 +48,7 @@ def _stats(values: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(float(v) for v in values.mean(axis=0)), tuple(float(v) for v in std)
 
 
-def training_part(s: KeySeries) -> np.ndarray:
-    """The events before a key's first validation target: the only ones allowed to shape normalisation."""
-    first_valid = np.flatnonzero(s.valid)
-    return np.arange(len(s.positions)) < (first_valid[0] if len(first_valid) else len(s.positions))
-
-
-def build_spec(data: EventFile, series: list[KeySeries], outputs: tuple[str, ...], cfg: TrainConfig) -> ModelSpec:
+def build_spec(data: TrainingData, series: list[KeySeries], outputs: tuple[str, ...], cfg: TrainConfig) -> ModelSpec:
     """Architecture and normalisation, with statistics from the training part only (no look-ahead)."""
     feature_mean, feature_std = _stats(np.concatenate([s.inputs[training_part(s)] for s in series]))
     target_mean: tuple[float, ...] = ()
@@ -193,101 +63,128 @@ def build_spec(data: EventFile, series: list[KeySeries], outputs: tuple[str, ...
 class Batch:
     inputs: torch.Tensor  # [keys, time, features], raw, zero-padded after each key's end
     targets: torch.Tensor  # normalised values [keys, time, outputs] or class indices [keys, time]
-    mask: torch.Tensor  # [keys, time], True where a training target sits
+    mask: torch.Tensor  # [keys, time], True where a target of the split sits
 
 
-def make_batches(series: list[KeySeries], spec: ModelSpec, batch_keys: int, rng: np.random.Generator) -> list[Batch]:
-    """Shuffled groups of keys, padded to the longest key in the group; padding is masked out."""
-    order = rng.permutation(len(series))
+def _batch(group: list[KeySeries], spec: ModelSpec, valid: bool) -> Batch:
+    """Keys padded to the group's longest; the mask marks the training or the validation targets."""
     mean = np.array(spec.target_mean, dtype=np.float32)
     std = np.array(spec.target_std, dtype=np.float32)
+    targets = [s.targets if spec.task == "classification" else (s.targets - mean) / std for s in group]
+    return Batch(
+        pad_sequence([torch.from_numpy(s.inputs) for s in group], batch_first=True),
+        pad_sequence([torch.from_numpy(t) for t in targets], batch_first=True),
+        pad_sequence([torch.from_numpy(s.valid if valid else s.train) for s in group], batch_first=True),
+    )
+
+
+def training_batches(series: list[KeySeries], spec: ModelSpec, batch_keys: int, rng: np.random.Generator) -> list[Batch]:
+    """Shuffled groups of keys, cut after their last training target (later events teach nothing)."""
+    order = rng.permutation(len(series))
     batches = []
     for start in range(0, len(order), batch_keys):
-        group = [series[i] for i in order[start : start + batch_keys]]
-        targets = [s.targets if spec.task == "classification" else (s.targets - mean) / std for s in group]
-        batches.append(Batch(
-            pad_sequence([torch.from_numpy(s.inputs) for s in group], batch_first=True),
-            pad_sequence([torch.from_numpy(t) for t in targets], batch_first=True),
-            pad_sequence([torch.from_numpy(s.train) for s in group], batch_first=True),
-        ))
-    return [b for b in batches if b.mask.any()]
+        batch = _batch([series[i] for i in order[start : start + batch_keys]], spec, valid=False)
+        steps = batch.mask.any(dim=0).nonzero()
+        if len(steps):
+            end = int(steps[-1]) + 1
+            batches.append(Batch(batch.inputs[:, :end], batch.targets[:, :end], batch.mask[:, :end]))
+    return batches
 
 
-def batch_loss(model: LSTMForecaster, batch: Batch) -> torch.Tensor:
-    """Mean loss over the batch's training targets: MSE on normalised values, or cross-entropy."""
-    out = model(batch.inputs)[batch.mask]
+def validation_batches(series: list[KeySeries], spec: ModelSpec, batch_keys: int) -> list[Batch]:
+    return [_batch(series[i : i + batch_keys], spec, valid=True) for i in range(0, len(series), batch_keys)]
+
+
+def _loss(model: LSTMForecaster, out: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the masked targets: MSE on normalised values, or cross-entropy."""
     if model.spec.task == "classification":
-        return nn.functional.cross_entropy(out, batch.targets[batch.mask])
-    return nn.functional.mse_loss(out, batch.targets[batch.mask])
+        return nn.functional.cross_entropy(out[mask], targets[mask])
+    return nn.functional.mse_loss(out[mask], targets[mask])
 
 
-def fit(model: LSTMForecaster, series: list[KeySeries], cfg: TrainConfig, log: Callable[[str], None]) -> float:
-    """Adam with gradient clipping over shuffled key batches; returns the last epoch's mean loss."""
-    rng = np.random.default_rng(cfg.seed)
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-    every = max(1, cfg.epochs // 10)
-    loss_mean = math.nan
-    model.train()
-    for epoch in range(1, cfg.epochs + 1):
-        total, count = 0.0, 0
-        for batch in make_batches(series, model.spec, cfg.batch_keys, rng):
-            optimiser.zero_grad()
-            loss = batch_loss(model, batch)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimiser.step()
-            n = int(batch.mask.sum())
-            total += loss.item() * n
+def train_batch(model: LSTMForecaster, optimiser: torch.optim.Optimizer, batch: Batch, cfg: TrainConfig) -> tuple[float, int]:
+    """Truncated BPTT over one batch: a step per chunk with targets, state carried on detached.
+
+    Returns the summed loss and the number of targets, for the epoch's mean.
+    """
+    state = None
+    total, count = 0.0, 0
+    for start in range(0, batch.inputs.shape[1], cfg.tbptt_steps):
+        chunk = slice(start, start + cfg.tbptt_steps)
+        out, (h, c) = model.run(batch.inputs[:, chunk], state)
+        state = (h.detach(), c.detach())
+        mask = batch.mask[:, chunk]
+        if not mask.any():
+            continue
+        optimiser.zero_grad()
+        loss = _loss(model, out, batch.targets[:, chunk], mask)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimiser.step()
+        n = int(mask.sum())
+        total += loss.item() * n
+        count += n
+    return total, count
+
+
+@torch.no_grad()
+def validation_loss(model: LSTMForecaster, batches: list[Batch]) -> float:
+    """Mean loss on the validation targets, each key's whole history run from zero state; NaN if none."""
+    total, count = 0.0, 0
+    for batch in batches:
+        n = int(batch.mask.sum())
+        if n:
+            total += _loss(model, model(batch.inputs), batch.targets, batch.mask).item() * n
             count += n
-        loss_mean = total / count
+    return total / count if count else math.nan
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """The rate for a (1-based) epoch: constant, or cosine from learning_rate down towards 0."""
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
+
+
+def fit(model: LSTMForecaster, series: list[KeySeries], cfg: TrainConfig, checkpoint: TrainingCheckpoint,
+        resume: bool, log: Callable[[str], None], bar: ProgressBar) -> History:
+    """Epochs until `epochs` or early stopping, checkpointed after each; leaves the best epoch's weights.
+
+    Each epoch's batch order comes from (seed, epoch) and its rate from the epoch number, so nothing but
+    the checkpoint is needed to continue a run exactly.
+    """
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    history = (checkpoint.load(model, optimiser) if resume else None) or History()
+    if history.epochs:
+        log(f"train: resuming after epoch {history.epochs} from {checkpoint.path}")
+    validation = validation_batches(series, model.spec, cfg.batch_keys)
+    every = max(1, cfg.epochs // 10)
+    model.train()
+    for epoch in range(history.epochs + 1, cfg.epochs + 1):
+        if history.patience_spent(cfg.patience):
+            log(f"train: early stop after epoch {history.epochs}: no better validation loss for "
+                f"{cfg.patience} epochs (train.patience)")
+            break
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(cfg, epoch)
+        batches = training_batches(series, model.spec, cfg.batch_keys, np.random.default_rng([cfg.seed, epoch]))
+        total, count = 0.0, 0
+        for i, batch in enumerate(batches, start=1):
+            loss_sum, n = train_batch(model, optimiser, batch, cfg)
+            total, count = total + loss_sum, count + n
+            bar.update(f"epoch {epoch}/{cfg.epochs}", i, len(batches), total / count)
+        model.eval()
+        history.record(total / count, validation_loss(model, validation), model.state_dict())
+        model.train()
+        checkpoint.save(model, optimiser, history)
         if epoch % every == 0 or epoch == cfg.epochs:
-            log(f"train: epoch {epoch}/{cfg.epochs} loss {loss_mean:.5f}")
+            bar.close()
+            log(f"train: epoch {epoch}/{cfg.epochs} loss {history.train_loss[-1]:.5f} "
+                f"validation {history.val_loss[-1]:.5f}")
+    model.load_state_dict(history.best_weights)
     model.eval()
-    return loss_mean
-
-
-def regression_metrics(pred: np.ndarray, actual: np.ndarray, last: np.ndarray) -> dict[str, float]:
-    """Model vs the naive last-value forecast, in raw target units: the bar any forecaster must clear."""
-    def mae(p: np.ndarray) -> float:
-        return float(np.mean(np.abs(p - actual)))
-
-    def rmse(p: np.ndarray) -> float:
-        return float(np.sqrt(np.mean((p - actual) ** 2)))
-
-    return {"val_mae": mae(pred), "val_rmse": rmse(pred), "naive_mae": mae(last), "naive_rmse": rmse(last)}
-
-
-def classification_metrics(prob: np.ndarray, actual: np.ndarray, train_labels: np.ndarray) -> dict[str, float]:
-    """Model vs always-the-majority-class (accuracy) and the training class frequencies (log-loss)."""
-    prior = np.bincount(train_labels, minlength=prob.shape[1]) / len(train_labels)
-
-    def log_loss(p: np.ndarray) -> float:
-        return float(-np.mean(np.log(np.maximum(p[np.arange(len(actual)), actual], PROBABILITY_FLOOR))))
-
-    return {
-        "val_accuracy": float(np.mean(prob.argmax(axis=1) == actual)),
-        "val_log_loss": log_loss(prob),
-        "majority_accuracy": float(np.mean(actual == prior.argmax())),
-        "prior_log_loss": log_loss(np.broadcast_to(prior, prob.shape)),
-    }
-
-
-def validation_metrics(
-    artifact: Artifact, data: EventFile, series: list[KeySeries], column: list[int]
-) -> dict[str, float]:
-    """Score every key's full sequence with the offline reference and compare on the validation targets."""
-    predictions, _ = score_events(artifact, data.events)
-    rows = [np.asarray(s.positions)[s.valid] for s in series]
-    pred = np.concatenate([predictions[r] for r in rows]).astype(np.float64)
-    actual = np.concatenate([s.targets[s.valid] for s in series])
-    if not len(actual):
-        return {}
-    if artifact.spec.task == "classification":
-        train_labels = np.concatenate([s.targets[s.train] for s in series])
-        return classification_metrics(pred, actual, train_labels)
-    last = np.concatenate([s.inputs[s.valid][:, column] for s in series]).astype(np.float64)
-    return regression_metrics(pred, actual.astype(np.float64), last)
+    return history
 
 
 @contextmanager
@@ -313,35 +210,50 @@ def _seeded_model(spec: ModelSpec, seed: int) -> LSTMForecaster:
         return LSTMForecaster(spec)
 
 
-def train(data: str | Path, out: str | Path, cfg: TrainConfig, log: Callable[[str], None] = print) -> Artifact:
-    """Train on a JSONL event file, write the artifact to `out` and return it as loaded from disk.
+def checkpoint_path(out: Path) -> Path:
+    """Beside the artifact, hidden: a directory of artifacts watched by the daemon never lists it."""
+    return out.parent / f".{out.name}.train-checkpoint"
+
+
+def train(data: str | Path | TrainingData, out: str | Path, cfg: TrainConfig, log: Callable[[str], None] = print,
+          progress: TextIO | None = None, resume: bool = False) -> Artifact:
+    """Train on a file (JSONL, or CSV by its suffix) or on data already read, write the artifact to `out`
+    and return it as loaded from disk.
 
     Same data and config give the same weights and so the same version: initial weights and key
-    shuffling come from `cfg.seed` only, and training runs on one thread whatever the machine.
+    shuffling come from `cfg.seed` only, and training runs on one thread whatever the machine. With
+    `resume`, a checkpoint left by an interrupted run of the same data and config is continued.
     """
     started = time.perf_counter()
-    events = read_training_events(data)
-    if events.rejected:
-        log(f"train: skipped {sum(events.rejected.values())} rejected lines: {dict(sorted(events.rejected.items()))}")
-    outputs, column = model_outputs(events, cfg)
-    series = key_series(events, outputs, cfg.task, cfg.holdout_events)
+    out = Path(out)
+    if not isinstance(data, TrainingData):
+        data = read_training_data(data, cfg)
+    if data.rejected:
+        log(f"train: skipped {sum(data.rejected.values())} rejected events: {dict(sorted(data.rejected.items()))}")
+    outputs, column = model_outputs(data, cfg)
+    series = key_series(data, outputs, cfg)
     train_targets = sum(int(s.train.sum()) for s in series)
     if not train_targets:
-        raise TrainingDataError(f"train: no training targets in {data}: every key has at most "
-                         f"train.holdout_events={cfg.holdout_events} targets")
-    spec = build_spec(events, series, outputs, cfg)
+        raise TrainingDataError(f"train: no training targets in {data.source}: every key has at most "
+                                f"train.holdout_events={cfg.holdout_events} targets")
+    spec = build_spec(data, series, outputs, cfg)
     model = _seeded_model(spec, cfg.seed)
+    checkpoint = TrainingCheckpoint(checkpoint_path(out), fingerprint(spec, series, cfg))
     with _one_thread():
-        loss = fit(model, series, cfg, log)
+        history = fit(model, series, cfg, checkpoint, resume, log, ProgressBar(progress))
         # scored in memory before saving: the metrics go into model.json, and the version ignores them
-        metrics = validation_metrics(Artifact(model, "", {}, Path(out)), events, series, column)
+        metrics = validation_metrics(Artifact(model, "", {}, out), data, series, column)
+    best = history.best_epoch - 1
     training = {
-        "events": len(events.events), "keys": len(series), "rejected": sum(events.rejected.values()),
-        "train_targets": train_targets, "validation_targets": sum(int(s.valid.sum()) for s in series),
-        "epochs": cfg.epochs, "seed": cfg.seed, "train_loss": loss, **metrics, "config": asdict(cfg),
+        "events": len(data.events), "keys": len({e.key for e in data.events}), "sequences": len(series),
+        "rejected": sum(data.rejected.values()), "train_targets": train_targets,
+        "validation_targets": sum(int(s.valid.sum()) for s in series), "epochs": history.epochs,
+        "best_epoch": history.best_epoch, "seed": cfg.seed, "train_loss": history.train_loss[best],
+        "val_loss": history.val_loss[best], **metrics, "config": asdict(cfg),
     }
     version = save_artifact(model, out, training)
-    log(f"train: {version} in {time.perf_counter() - started:.1f}s; {len(events.events)} events, "
-        f"{len(series)} keys, train loss {loss:.5f}; " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    checkpoint.remove()
+    log(f"train: {version} in {time.perf_counter() - started:.1f}s; {len(data.events)} events, "
+        f"{training['keys']} keys, best epoch {history.best_epoch}/{history.epochs}; "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return load_artifact(out)
-

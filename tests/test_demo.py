@@ -34,7 +34,7 @@ def test_demo_completes_prints_its_summary_and_leaves_no_process(tmp_path):
     assert int(re.search(r"rejected\s+(\d+)", out).group(1)) == 3
     assert re.search(r"latency p50 / p99\s+\d+ ms / \d+ ms", out)
     model, naive = map(float, re.search(r"model (\S+) vs naive last value (\S+):", out).groups())
-    assert model < naive
+    assert model <= 0.9 * naive, (model, naive)  # acceptance: at least 10 % below the naive MAE on the unseen tail
 
     port = re.search(r"embedded broker on 127\.0\.0\.1:(\d+)", out).group(1)
     assert not _processes_mentioning(f"127.0.0.1:{port}"), "the broker is still running"

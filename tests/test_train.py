@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import random
-from dataclasses import replace
+import re
+import subprocess
+import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import produce, unique, wait_until
 
 from streamlstm.artifact import load_artifact
-from streamlstm.config import TrainConfig
+from streamlstm.config import KafkaConfig, TrainConfig
 from streamlstm.events import EventDecoder, decode_line, read_event_lines
+from streamlstm.kafka_io import ensure_topics
 from streamlstm.offline import score_events
-from streamlstm.train import class_names, feature_names, train
+from streamlstm.train import checkpoint_path, train
+from streamlstm.train_checkpoint import History, TrainingCheckpoint
+from streamlstm.training_data import class_names, feature_names
 
 SMALL = TrainConfig(hidden_size=12, num_layers=1, epochs=25, learning_rate=0.02, batch_keys=16, holdout_events=8)
 
@@ -129,7 +137,7 @@ def test_rejected_lines_are_skipped_and_counted(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "e.jsonl", records)
     artifact = train(data, tmp_path / "m", replace(SMALL, epochs=1), log=logged.append)
     assert artifact.training["rejected"] == 4 and artifact.training["events"] == 80
-    assert any("skipped 4 rejected lines" in line for line in logged)
+    assert any("skipped 4 rejected events" in line for line in logged)
 
 
 def test_regression_targets_pick_the_output_feature(sine_file: Path, tmp_path: Path) -> None:
@@ -214,3 +222,75 @@ def test_data_that_cannot_make_a_model_stops_train_with_exit_2(tmp_path: Path) -
     assert result.returncode == 2, result.stderr
     assert "no training targets" in result.stderr and str(data) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def small_sets(cfg: TrainConfig) -> list[str]:
+    """`--set` arguments giving the command line the settings of `cfg`."""
+    differing = {k: v for k, v in asdict(cfg).items() if v != getattr(TrainConfig(), k)}
+    return [a for k, v in differing.items() for a in ("--set", f"train.{k}={json.dumps(v)}")]
+
+
+def train_command(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamlstm", "train", *args], capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+def test_a_kafka_topic_trains_the_same_model_as_the_equivalent_file(broker, sine_file: Path, tmp_path: Path) -> None:
+    cfg = replace(SMALL, epochs=3)
+    topic = unique("history")
+    ensure_topics(KafkaConfig(bootstrap_servers=broker.bootstrap, input_topic=topic, output_topic=f"{topic}-o",
+                              dlq_topic=f"{topic}-d", topic_partitions=3))
+    records = [json.loads(line) for line in sine_file.read_text().splitlines()]
+    produce(broker, topic, [(r.pop("key").encode(), json.dumps(r).encode()) for r in records])
+    result = train_command("--topic", topic, "--out", str(tmp_path / "k"), "--set",
+                           f"kafka.bootstrap_servers={broker.bootstrap}", *small_sets(cfg), check=True)
+    from_topic = json.loads(result.stdout)
+    from_file = train(sine_file, tmp_path / "f", cfg, log=quiet)
+    assert from_topic["version"] == from_file.version
+    assert from_topic["training"] == json.loads(json.dumps(from_file.training))
+
+
+def test_a_csv_file_trains_the_same_model_as_the_equivalent_jsonl(sine_file: Path, tmp_path: Path) -> None:
+    """Rows in any order: each key's events are put in time order, as from JSONL."""
+    records = [json.loads(line) for line in sine_file.read_text().splitlines()]
+    rows = [[r["key"], r["ts"], r["features"]["y"], r["features"]["t"]] for r in records]
+    random.Random(3).shuffle(rows)
+    with open(tmp_path / "e.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["key", "ts", "y", "t"], *rows])
+    cfg = replace(SMALL, epochs=2)
+    assert train(tmp_path / "e.csv", tmp_path / "c", cfg, log=quiet).version == \
+        train(sine_file, tmp_path / "j", cfg, log=quiet).version
+
+
+def test_resume_after_a_kill_ends_as_an_uninterrupted_run(sine_file: Path, tmp_path: Path) -> None:
+    """SIGKILL as soon as the first epoch's checkpoint exists; `--resume` continues to the same model."""
+    cfg = replace(SMALL, epochs=30, patience=30)
+    out = tmp_path / "m"
+    args = [sys.executable, "-m", "streamlstm", "train", "--data", str(sine_file), "--out", str(out), *small_sets(cfg)]
+    interrupted = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: checkpoint_path(out).exists() or interrupted.poll() is not None, 120, "a checkpoint")
+    finally:
+        interrupted.kill()
+        interrupted.wait()
+    assert not out.exists(), "the run finished before it could be interrupted"
+    resumed = train_command(*args[4:], "--resume", check=True)
+    epoch = int(re.search(r"resuming after epoch (\d+)", resumed.stderr).group(1))
+    assert 1 <= epoch < cfg.epochs
+    assert not checkpoint_path(out).exists()
+    whole = train(sine_file, tmp_path / "whole", cfg, log=quiet)
+    assert json.loads(resumed.stdout)["version"] == whole.version
+    assert json.loads(resumed.stdout)["training"] == json.loads(json.dumps(whole.training))
+
+
+def test_resume_refuses_a_checkpoint_it_cannot_continue(sine_file: Path, tmp_path: Path) -> None:
+    """Another run's checkpoint, or a damaged one, stops `--resume` with exit 2 rather than mixing runs."""
+    out = tmp_path / "m"
+    model = torch.nn.Linear(1, 1)
+    TrainingCheckpoint(checkpoint_path(out), "another run").save(model, torch.optim.Adam(model.parameters()), History())
+    args = ("--data", str(sine_file), "--out", str(out), *small_sets(replace(SMALL, epochs=1)), "--resume")
+    result = train_command(*args)
+    assert result.returncode == 2 and "belongs to a run with other data" in result.stderr, result.stderr
+    checkpoint_path(out).write_bytes(b"junk")
+    result = train_command(*args)
+    assert result.returncode == 2 and "is unreadable" in result.stderr, result.stderr
