@@ -12,6 +12,7 @@ class ProgressBar:
 
     def __init__(self, stream: TextIO | None) -> None:
         self.stream = stream
+        self.drawn = False  # a line is on screen and not yet ended
 
     def update(self, label: str, done: int, total: int, loss: float) -> None:
         if self.stream is None:
@@ -19,9 +20,11 @@ class ProgressBar:
         filled = WIDTH * done // max(total, 1)
         self.stream.write(f"\r{label} [{'#' * filled}{'.' * (WIDTH - filled)}] {done}/{total} loss {loss:.5f}")
         self.stream.flush()
+        self.drawn = True
 
     def close(self) -> None:
         """End the line, so what is written next starts on a fresh one."""
-        if self.stream is not None:
+        if self.stream is not None and self.drawn:
             self.stream.write("\n")
             self.stream.flush()
+            self.drawn = False

@@ -163,6 +163,7 @@ def fit(model: LSTMForecaster, series: list[KeySeries], cfg: TrainConfig, checkp
     model.train()
     for epoch in range(history.epochs + 1, cfg.epochs + 1):
         if history.patience_spent(cfg.patience):
+            bar.close()
             log(f"train: early stop after epoch {history.epochs}: no better validation loss for "
                 f"{cfg.patience} epochs (train.patience)")
             break
@@ -182,6 +183,7 @@ def fit(model: LSTMForecaster, series: list[KeySeries], cfg: TrainConfig, checkp
             bar.close()
             log(f"train: epoch {epoch}/{cfg.epochs} loss {history.train_loss[-1]:.5f} "
                 f"validation {history.val_loss[-1]:.5f}")
+    bar.close()
     model.load_state_dict(history.best_weights)
     model.eval()
     return history

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import random
@@ -294,3 +295,11 @@ def test_resume_refuses_a_checkpoint_it_cannot_continue(sine_file: Path, tmp_pat
     checkpoint_path(out).write_bytes(b"junk")
     result = train_command(*args)
     assert result.returncode == 2 and "is unreadable" in result.stderr, result.stderr
+
+
+def test_a_progress_bar_shows_each_epoch_and_the_running_loss(sine_file: Path, tmp_path: Path) -> None:
+    shown = io.StringIO()
+    train(sine_file, tmp_path / "m", replace(SMALL, epochs=2), log=quiet, progress=shown)
+    lines = shown.getvalue().split("\r")
+    assert re.fullmatch(r"epoch 1/2 \[#+\.*\] 1/3 loss \d+\.\d{5}", lines[1]), lines[1]
+    assert lines[-1].startswith("epoch 2/2 [" + "#" * 24 + "] 3/3 loss ") and shown.getvalue().endswith("\n")

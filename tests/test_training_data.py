@@ -14,7 +14,7 @@ import pytest
 from conftest import produce, unique
 
 from streamlstm.config import KafkaConfig, TrainConfig
-from streamlstm.kafka_io import ensure_topics
+from streamlstm.kafka_io import TopicError, ensure_topics
 from streamlstm.training_data import (
     TrainingDataError,
     key_series,
@@ -110,7 +110,7 @@ def test_a_topic_reads_as_the_equivalent_file(broker, tmp_path: Path) -> None:
     produce(broker, topic, [(b"late", b'{"features": [1.0, 2.0]}')])
     late = read_kafka(kafka, topic).events[-1]
     assert late.key == "late" and late.ts > 1_600_000_000_000  # the record's timestamp
-    with pytest.raises(Exception, match="does not exist"):
+    with pytest.raises(TopicError, match="does not exist"):
         read_kafka(kafka, unique("absent"))
 
 
