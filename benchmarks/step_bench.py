@@ -25,7 +25,9 @@ divided by the bytes a fused gather → cell → scatter must move per key-step:
         + 8 + 4 · inputs + 4 · outputs (the row index, the inputs, the prediction)
         + 4 · parameters / B           (the weights, read once per step)
 
-`flops` per key-step (2 · 4H · (in_k + H) per layer, plus the head) shows the compute side.
+`bound_3pass` counts h and c read and written three times (gather, step, scatter as separate passes, as
+in the eager step). `flops` per key-step (2 · 4H · (in_k + H) per layer, plus the head) shows the compute
+side; the run also measures a large fp32 matmul (TF32 off) for the device's plain-fp32 FLOP/s.
 --sweep first times the fused layer kernel's block sizes at the largest batch and uses the fastest;
 --profile writes the kernels of one graphed and one eager step (H=128, 2 layers, largest batch) to
 --profile-out. The JSON is rewritten after every row, so a run cut short keeps what it measured.
@@ -200,11 +202,18 @@ def copy_bandwidth() -> float:
     return 2 * src.nbytes / device_time(lambda: dst.copy_(src), reps=20)
 
 
-def bytes_per_key_step(spec: ModelSpec, batch: int) -> float:
+def bytes_per_key_step(spec: ModelSpec, batch: int, state_passes: int = 1) -> float:
+    """state_passes=1: a fused step's minimum; 3: gather, step and scatter each read and write h and c."""
     parameters = sum(4 * spec.hidden_size * ((spec.input_size if k == 0 else spec.hidden_size) + spec.hidden_size + 1)
                      for k in range(spec.num_layers)) + spec.output_size * (spec.hidden_size + 1)
-    return (spec.num_layers * 4 * spec.hidden_size * 4 + 8 + 4 * spec.input_size + 4 * spec.output_size
-            + 4 * parameters / batch)
+    return (state_passes * spec.num_layers * 4 * spec.hidden_size * 4 + 8 + 4 * spec.input_size
+            + 4 * spec.output_size + 4 * parameters / batch)
+
+
+def fp32_gemm_flops() -> float:
+    """FLOP/s of a large fp32 matmul (no TF32): what plain fp32 arithmetic can reach on this device."""
+    a = torch.randn(8192, 8192, device="cuda")
+    return 2 * 8192**3 / device_time(lambda: a @ a, reps=5)
 
 
 def flops_per_key_step(spec: ModelSpec) -> int:
@@ -227,8 +236,8 @@ def in_graph(fn: Callable[[], object], calls: int) -> Callable[[], object]:
     return graph.replay
 
 
-SWEEP = [(32, 32, 4), (64, 32, 4), (64, 32, 8), (128, 32, 4), (128, 32, 8), (64, 64, 4), (64, 64, 8), (128, 16, 4),
-         (32, 64, 4)]  # (BLOCK_B, BLOCK_H, num_warps)
+SWEEP = [(32, 32, 16, 4), (32, 64, 16, 4), (64, 32, 16, 4), (64, 64, 16, 4), (64, 64, 16, 8), (128, 32, 16, 4),
+         (128, 32, 16, 8), (32, 64, 32, 4), (64, 64, 32, 8), (128, 64, 16, 8)]  # (BLOCK_B, BLOCK_H, BLOCK_K, warps)
 
 
 def sweep(hidden_sizes: list[int], batch: int, budget_s: float = 150.0) -> list[dict]:
@@ -329,17 +338,19 @@ def main() -> None:
               "parameters": {"inputs": INPUTS, "outputs": OUTPUTS, "per_event_events": events, "budget_s": budget}}
     if cuda:
         report["copy_bandwidth_gbs"] = round(copy_bandwidth() / 1e9, 1)
-        print(f"device {report['machine']['device']}: copy bandwidth {report['copy_bandwidth_gbs']} GB/s")
+        report["fp32_gemm_tflops"] = round(fp32_gemm_flops() / 1e12, 1)
+        print(f"device {report['machine']['device']}: copy bandwidth {report['copy_bandwidth_gbs']} GB/s, "
+              f"fp32 matmul {report['fp32_gemm_tflops']} TFLOP/s")
     if args.sweep:
         report["sweep"] = sweep(args.hidden, max(args.batch))
     if cuda:
         report["fused_configs"] = {h: cell.fused_config(h) for h in args.hidden}
-        print(f"fused layer (BLOCK_B, BLOCK_H, num_warps): {report['fused_configs']}")
+        print(f"fused layer (BLOCK_B, BLOCK_H, BLOCK_K, num_warps): {report['fused_configs']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     report["results"] = rows = []
     cols = ["advance", "lstm_step"] + (["eager_step", "graph_step", "graph_unfused", "graph_io", "advance_eager"] if cuda else [])
     print(f"{'H':>4} {'L':>2} {'B':>5} {'per_event':>10} " + " ".join(f"{c:>13}" for c in cols)
-          + f" {'speedup':>8}" + (f" {'bound':>12} {'graph%':>7} {'eager%':>7}" if cuda else ""))
+          + f" {'speedup':>8}" + (f" {'bound':>12} {'graph%':>7} {'eager%':>7} {'g%3pass':>7} {'TFLOPs':>6}" if cuda else ""))
     for hidden in args.hidden:
         for layers in args.layers:
             model = make_model(hidden, layers).to(device)
@@ -356,10 +367,13 @@ def main() -> None:
                         + " ".join(f"{rates[c]:>13.0f}" for c in cols) + f" {row['speedup']:>7.1f}x")
                 if cuda:
                     bound = report["copy_bandwidth_gbs"] * 1e9 / row["bytes_per_key_step"]
+                    bound_3pass = report["copy_bandwidth_gbs"] * 1e9 / bytes_per_key_step(model.spec, batch, 3)
                     row.update(bound=round(bound, 1), graph_fraction=round(rates["graph_step"] / bound, 4),
-                               eager_fraction=round(rates["eager_step"] / bound, 4),
+                               eager_fraction=round(rates["eager_step"] / bound, 4), bound_3pass=round(bound_3pass, 1),
+                               graph_fraction_3pass=round(rates["graph_step"] / bound_3pass, 4),
                                graph_tflops=round(rates["graph_step"] * row["flops_per_key_step"] / 1e12, 2))
-                    line += f" {bound:>12.0f} {100 * row['graph_fraction']:>6.1f}% {100 * row['eager_fraction']:>6.1f}%"
+                    line += (f" {bound:>12.0f} {100 * row['graph_fraction']:>6.1f}% {100 * row['eager_fraction']:>6.1f}%"
+                             f" {100 * row['graph_fraction_3pass']:>6.1f}% {row['graph_tflops']:>6.1f}")
                 print(line, flush=True)
                 rows.append(row)
                 out.write_text(json.dumps(report, indent=2) + "\n")

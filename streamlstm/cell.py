@@ -55,11 +55,12 @@ def lstm_step(
 # --------------------------------------------------------------------------- fused CUDA layer (Triton)
 #
 # The same gate equations as lstm_step as one Triton kernel per layer that also gathers the rows' h and c
-# from the state table: a program computes all four gates of BLOCK_H units for BLOCK_B slots, so it reads
-# weights once per BLOCK_B rows. It writes c back in place (only it reads those elements) but the new h to
-# a dense buffer: other programs may still be reading the rows' old h; the caller scatters it after the
-# step. The matmuls run on tensor cores as "tf32x3" (three TF32 products, about fp32 accuracy): plain
-# fp32 arithmetic would make the step compute-bound, plain TF32 would leave errors of ~1e-3.
+# from the state table. A program computes all four gates of BLOCK_H units for BLOCK_B slots as one
+# matmul into [BLOCK_B, 4·BLOCK_H], so it reads the weights once per BLOCK_B rows. It writes c back in
+# place (only it reads those elements) but the new h to a dense buffer: other programs may still be
+# reading the rows' old h, so the caller scatters it after the step. The matmuls run on tensor cores as
+# "tf32x3" (three TF32 products, about fp32 accuracy): plain fp32 arithmetic is slower still (the step is
+# compute-bound at these sizes), plain TF32 would leave errors of ~1e-3.
 
 try:
     import triton
@@ -68,8 +69,7 @@ except ImportError:  # CPU-only installs of torch ship without Triton; the fused
     triton = None
 
 FUSED_MAX_HIDDEN = 1024
-# (BLOCK_B, BLOCK_H, num_warps) by hidden size, from benchmarks/step_bench.py --sweep on an H100
-FUSED_CONFIGS: dict[int, tuple[int, int, int]] = {}
+FUSED_CONFIGS: dict[int, tuple[int, int, int, int]] = {}  # overrides by hidden size (the benchmark's --sweep)
 
 
 class FusedWeights(NamedTuple):
@@ -86,38 +86,38 @@ def fused_available(hidden_size: int) -> bool:
     return triton is not None and torch.cuda.is_available() and hidden_size <= FUSED_MAX_HIDDEN
 
 
-def fused_config(hidden_size: int) -> tuple[int, int, int]:
-    return FUSED_CONFIGS.get(hidden_size) or (64, min(32, max(16, triton.next_power_of_2(hidden_size))), 4)
+def fused_config(hidden_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps): the fastest of benchmarks/step_bench.py --sweep on an H100
+    for H = 64, 128 and 256 (larger blocks of rows spill registers: the tf32x3 split triples operands)."""
+    if hidden_size in FUSED_CONFIGS:
+        return FUSED_CONFIGS[hidden_size]
+    return 32, min(64, max(16, triton.next_power_of_2(hidden_size))), 32 if hidden_size >= 128 else 16, 4
 
 
 def fused_layer_step(inp: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w: FusedWeights,
-                     out: torch.Tensor, config: tuple[int, int, int] | None = None) -> None:
+                     out: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> None:
     """Advance one layer for slots 0..n-1: rows[b]'s c in the table c ([capacity, H]) is replaced, its
     new h is written to out[b]; h (the table's) is only read, the caller scatters out into it afterwards.
 
     inp: [n, in] contiguous (x, or the layer below's out); rows: [n] int64, distinct except for padding,
-    which may point at one scratch row any number of times. config: (BLOCK_B, BLOCK_H, num_warps).
+    which may point at one scratch row any number of times. config: (BLOCK_B, BLOCK_H, BLOCK_K, num_warps).
     """
     n, n_in = inp.shape
     hidden = h.shape[1]
-    block_b, block_h, num_warps = config or fused_config(hidden)
+    block_b, block_h, block_k, num_warps = config or fused_config(hidden)
     _fused_layer_kernel[(triton.cdiv(n, block_b), triton.cdiv(hidden, block_h))](
         inp, rows, h, c, out, w.w_ih_t, w.w_hh_t, w.bias, n, n_in,
-        HIDDEN=hidden, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=16, num_warps=num_warps)
+        HIDDEN=hidden, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=num_warps)
 
 
 if triton is not None:
 
     @triton.jit
-    def _gate_dots(acc_i, acc_f, acc_g, acc_o, a, w_ptr, k, k_mask, j, j_mask, HIDDEN: tl.constexpr):
-        """acc_* += a @ W_*^T for one K tile; w_ptr is a transposed weight [K, 4H]."""
-        tile = w_ptr + k[:, None] * (4 * HIDDEN) + j[None, :]
-        mask = k_mask[:, None] & j_mask[None, :]
-        acc_i += tl.dot(a, tl.load(tile, mask=mask, other=0.0), input_precision="tf32x3")
-        acc_f += tl.dot(a, tl.load(tile + HIDDEN, mask=mask, other=0.0), input_precision="tf32x3")
-        acc_g += tl.dot(a, tl.load(tile + 2 * HIDDEN, mask=mask, other=0.0), input_precision="tf32x3")
-        acc_o += tl.dot(a, tl.load(tile + 3 * HIDDEN, mask=mask, other=0.0), input_precision="tf32x3")
-        return acc_i, acc_f, acc_g, acc_o
+    def _accumulate(acc, a, w_ptr, k, k_mask, w_col, col_mask, HIDDEN: tl.constexpr):
+        """acc += a @ (the program's weight columns) for one K tile; w_ptr is a transposed weight [K, 4H]."""
+        w = tl.load(w_ptr + k[:, None] * (4 * HIDDEN) + w_col[None, :], mask=k_mask[:, None] & col_mask[None, :],
+                    other=0.0)
+        return tl.dot(a, w, acc, input_precision="tf32x3")
 
     @triton.jit
     def _tanh(x):
@@ -130,31 +130,31 @@ if triton is not None:
         b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         b_mask = b < n
         rows = tl.load(rows_ptr + b, mask=b_mask, other=0)
-        j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        j_mask = j < HIDDEN
-        acc_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
-        acc_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
-        acc_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
-        acc_o = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
+        col = tl.arange(0, 4 * BLOCK_H)  # gate-major: gate q's units of this program at q·BLOCK_H..
+        unit = tl.program_id(1) * BLOCK_H + col % BLOCK_H
+        w_col = (col // BLOCK_H) * HIDDEN + unit
+        col_mask = unit < HIDDEN
+        acc = tl.zeros([BLOCK_B, 4 * BLOCK_H], dtype=tl.float32)
         for k0 in range(0, n_in, BLOCK_K):  # the layer's input: x, or the layer below's new h
             k = k0 + tl.arange(0, BLOCK_K)
             k_mask = k < n_in
             a = tl.load(inp_ptr + b[:, None] * n_in + k[None, :], mask=b_mask[:, None] & k_mask[None, :], other=0.0)
-            acc_i, acc_f, acc_g, acc_o = _gate_dots(acc_i, acc_f, acc_g, acc_o, a, w_ih_ptr, k, k_mask, j, j_mask,
-                                                    HIDDEN)
+            acc = _accumulate(acc, a, w_ih_ptr, k, k_mask, w_col, col_mask, HIDDEN)
         for k0 in range(0, HIDDEN, BLOCK_K):  # the recurrent input: the rows' previous h, gathered
             k = k0 + tl.arange(0, BLOCK_K)
             k_mask = k < HIDDEN
             a = tl.load(h_ptr + rows[:, None] * HIDDEN + k[None, :], mask=b_mask[:, None] & k_mask[None, :],
                         other=0.0)
-            acc_i, acc_f, acc_g, acc_o = _gate_dots(acc_i, acc_f, acc_g, acc_o, a, w_hh_ptr, k, k_mask, j, j_mask,
-                                                    HIDDEN)
-        i = tl.sigmoid(acc_i + tl.load(bias_ptr + j, mask=j_mask, other=0.0)[None, :])
-        f = tl.sigmoid(acc_f + tl.load(bias_ptr + HIDDEN + j, mask=j_mask, other=0.0)[None, :])
-        g = _tanh(acc_g + tl.load(bias_ptr + 2 * HIDDEN + j, mask=j_mask, other=0.0)[None, :])
-        o = tl.sigmoid(acc_o + tl.load(bias_ptr + 3 * HIDDEN + j, mask=j_mask, other=0.0)[None, :])
+            acc = _accumulate(acc, a, w_hh_ptr, k, k_mask, w_col, col_mask, HIDDEN)
+        acc += tl.load(bias_ptr + w_col, mask=col_mask, other=0.0)[None, :]
+        # [BLOCK_B, 4, BLOCK_H] -> [BLOCK_B, BLOCK_H, 2, 2], gate 2p+q at [.., p, q]; split q, then p
+        gates = tl.reshape(tl.permute(tl.reshape(acc, [BLOCK_B, 4, BLOCK_H]), [0, 2, 1]), [BLOCK_B, BLOCK_H, 2, 2])
+        i_g, f_o = tl.split(gates)
+        i, g = tl.split(i_g)
+        f, o = tl.split(f_o)
+        j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = b_mask[:, None] & (j < HIDDEN)[None, :]
         cell = c_ptr + rows[:, None] * HIDDEN + j[None, :]
-        mask = b_mask[:, None] & j_mask[None, :]
-        c_new = f * tl.load(cell, mask=mask, other=0.0) + i * g
+        c_new = tl.sigmoid(f) * tl.load(cell, mask=mask, other=0.0) + tl.sigmoid(i) * _tanh(g)
         tl.store(cell, c_new, mask=mask)
-        tl.store(out_ptr + b[:, None] * HIDDEN + j[None, :], o * _tanh(c_new), mask=mask)
+        tl.store(out_ptr + b[:, None] * HIDDEN + j[None, :], tl.sigmoid(o) * _tanh(c_new), mask=mask)
