@@ -22,6 +22,7 @@ from streamlstm.artifact import load_artifact
 from streamlstm.config import KafkaConfig, TrainConfig
 from streamlstm.events import EventDecoder, decode_line, read_event_lines
 from streamlstm.kafka_io import ensure_topics
+from streamlstm.model import LSTMForecaster
 from streamlstm.offline import score_events
 from streamlstm.train import checkpoint_path, train
 from streamlstm.train_checkpoint import History, TrainingCheckpoint
@@ -303,3 +304,22 @@ def test_a_progress_bar_shows_each_epoch_and_the_running_loss(sine_file: Path, t
     lines = shown.getvalue().split("\r")
     assert re.fullmatch(r"epoch 1/2 \[#+\.*\] 1/3 loss \d+\.\d{5}", lines[1]), lines[1]
     assert lines[-1].startswith("epoch 2/2 [" + "#" * 24 + "] 3/3 loss ") and shown.getvalue().endswith("\n")
+
+
+def test_truncated_bptt_carries_the_state_across_chunks(sine_file: Path) -> None:
+    """With the weights frozen (lr 0), the chunked training loss equals the loss of whole histories from
+    zero state: each chunk starts where the previous one left h and c, as the daemon's state does."""
+    from streamlstm.train import build_spec, train_batch, training_batches
+    from streamlstm.training_data import key_series, model_outputs, read_jsonl
+
+    cfg = replace(SMALL, tbptt_steps=7)
+    data = read_jsonl(sine_file)
+    outputs, _ = model_outputs(data, cfg)
+    series = key_series(data, outputs, cfg)
+    spec = build_spec(data, series, outputs, cfg)
+    torch.manual_seed(0)
+    model = LSTMForecaster(spec)
+    (batch, *_) = training_batches(series, spec, cfg.batch_keys, np.random.default_rng(0))
+    whole = torch.nn.functional.mse_loss(model(batch.inputs)[batch.mask], batch.targets[batch.mask]).item()
+    total, count = train_batch(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, cfg)
+    assert count == int(batch.mask.sum()) and total / count == pytest.approx(whole, rel=1e-5)
