@@ -133,8 +133,10 @@ def _kafka_object(key: bytes | None, value: bytes | None, timestamp: int) -> Any
     try:
         obj = json.loads((value or b"").decode("utf-8"))
         key_text = key.decode("utf-8") if key else None
-    except (UnicodeDecodeError, ValueError) as exc:
-        return Rejection("not_json", f"record value is not UTF-8 JSON: {exc}")
+    except UnicodeDecodeError as exc:
+        return Rejection("not_utf8", f"record key or value is not UTF-8: {exc}")
+    except ValueError as exc:
+        return Rejection("not_json", f"record value is not JSON: {exc}")
     if isinstance(obj, dict):
         obj = {"ts": timestamp, **obj, "key": key_text}
     return obj
