@@ -348,9 +348,12 @@ def main() -> None:
         print(f"fused layer (BLOCK_B, BLOCK_H, BLOCK_K, num_warps): {report['fused_configs']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     report["results"] = rows = []
-    cols = ["advance", "lstm_step"] + (["eager_step", "graph_step", "graph_unfused", "graph_io", "advance_eager"] if cuda else [])
+    cols = ["advance", "lstm_step"]
+    if cuda:
+        cols += ["eager_step", "graph_step", "graph_unfused", "graph_io", "advance_eager"]
     print(f"{'H':>4} {'L':>2} {'B':>5} {'per_event':>10} " + " ".join(f"{c:>13}" for c in cols)
-          + f" {'speedup':>8}" + (f" {'bound':>12} {'graph%':>7} {'eager%':>7} {'g%3pass':>7} {'TFLOPs':>6}" if cuda else ""))
+          + f" {'speedup':>8}"
+          + (f" {'bound':>12} {'graph%':>7} {'eager%':>7} {'g%3pass':>7} {'TFLOPs':>6}" if cuda else ""))
     for hidden in args.hidden:
         for layers in args.layers:
             model = make_model(hidden, layers).to(device)
@@ -372,7 +375,8 @@ def main() -> None:
                                eager_fraction=round(rates["eager_step"] / bound, 4), bound_3pass=round(bound_3pass, 1),
                                graph_fraction_3pass=round(rates["graph_step"] / bound_3pass, 4),
                                graph_tflops=round(rates["graph_step"] * row["flops_per_key_step"] / 1e12, 2))
-                    line += (f" {bound:>12.0f} {100 * row['graph_fraction']:>6.1f}% {100 * row['eager_fraction']:>6.1f}%"
+                    line += (f" {bound:>12.0f} {100 * row['graph_fraction']:>6.1f}%"
+                             f" {100 * row['eager_fraction']:>6.1f}%"
                              f" {100 * row['graph_fraction_3pass']:>6.1f}% {row['graph_tflops']:>6.1f}")
                 print(line, flush=True)
                 rows.append(row)

@@ -61,7 +61,8 @@ class GraphedStep:
         return max(MIN_BATCH, 1 << (n - 1).bit_length())
 
     @torch.no_grad()
-    def run(self, steps: list[tuple[torch.Tensor, list[int]]], x: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    def run(self, steps: list[tuple[torch.Tensor, list[int]]],
+            x: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
         """Advance the table one step per (rows, resets) in order: `resets` (rows of that step whose key
         starts over) are zeroed first; `rows` are distinct, at most `max_batch`. `x` holds the normalised
         inputs (float32), one line per row of all steps in order. Returns the predictions and the rows'
