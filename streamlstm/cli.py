@@ -23,14 +23,16 @@ from .training_data import TrainingDataError
 USAGE_ERROR = 2
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+def configure_logging(level: str, process: str = "") -> None:
+    """`process` names a serve.workers worker in each of its lines (they share the pod's log)."""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {process}%(name)s: %(message)s",
+                        stream=sys.stderr)
     if level != "DEBUG":  # kafka-python narrates every connection at INFO, and every refused one at WARNING
         logging.getLogger("kafka").setLevel(logging.WARNING)
         logging.getLogger("kafka.net.manager").setLevel(logging.ERROR)
 
 
-def _on_stop_signals(stop: Callable[[], None]) -> None:
+def on_stop_signals(stop: Callable[[], None]) -> None:
     """SIGTERM (Kubernetes) and SIGINT (Ctrl-C) both mean: finish cleanly."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop())
@@ -38,18 +40,22 @@ def _on_stop_signals(stop: Callable[[], None]) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    _configure_logging(cfg.log.level)
+    configure_logging(cfg.log.level)
+    if cfg.serve.workers > 1:
+        from .workers import serve_workers
+
+        return serve_workers(cfg)
     from .daemon import Daemon
 
     daemon = Daemon(cfg)
-    _on_stop_signals(daemon.stop)
+    on_stop_signals(daemon.stop)
     daemon.run()
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    _configure_logging(cfg.log.level)
+    configure_logging(cfg.log.level)
     from .train import train
     from .training_data import read_kafka
 
@@ -77,7 +83,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from .broker import EmbeddedBroker
 
     stop = threading.Event()
-    _on_stop_signals(stop.set)
+    on_stop_signals(stop.set)
     with EmbeddedBroker(args.port) as broker:
         print(f"embedded broker listening; bootstrap servers: {broker.bootstrap}", flush=True)
         while not stop.wait(0.5):

@@ -90,6 +90,11 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    workers: int = 1
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     task: str = "regression"
     targets: list = field(default_factory=list)
@@ -123,6 +128,7 @@ class Config:
     events: EventsConfig = field(default_factory=EventsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

@@ -1,8 +1,16 @@
-"""Prometheus metrics of one daemon, in a registry of their own (tests run several daemons)."""
+"""Prometheus metrics of one daemon, in a registry of their own (tests run several daemons).
+
+Under serve.workers > 1 each worker process writes its values to files in PROMETHEUS_MULTIPROC_DIR
+(prometheus-client's multiprocess mode, chosen when it is imported) and the supervising process adds
+them up: counters and histograms sum; each gauge says how in its multiprocess_mode, which a single
+process ignores. The names are the same in both modes, so dashboards and alerts work with either.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
@@ -11,6 +19,40 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    2.5, 5.0, 10.0)
 BATCH_BUCKETS = tuple(float(2**k) for k in range(18))  # 1 .. 131072 keys per step or checkpoint
 SIZE_BUCKETS = tuple(float(4**k) for k in range(5, 16))  # 1 KiB .. 1 GiB
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+MODEL_LABELS = ("device", "hidden_size", "num_layers", "task", "version")  # in the order an Info writes them
+
+
+def multiprocess() -> bool:
+    """Whether values go to files shared by the pod's workers (prometheus-client reads the same variable)."""
+    return bool(os.environ.get(MULTIPROC_DIR))
+
+
+class ClearableGauge(Gauge):
+    """A labelled Gauge whose clear() also holds across workers.
+
+    prometheus-client cannot remove a series from a worker's file: it would keep its last value, and a
+    partition that moved to another worker would be counted twice. So there clear() sets them to 0.
+    """
+
+    def clear(self) -> None:
+        if not multiprocess():
+            super().clear()
+            return
+        for metric in self.collect():
+            for sample in metric.samples:
+                self.labels(**sample.labels).set(0)
+
+
+class ModelInfo(ClearableGauge):
+    """streamlstm_model_info{version, ...} 1: an Info's sample, as a Gauge (multiprocess mode has no Info).
+
+    After a hot reload the previous model's series is gone, or 0 once every worker has swapped.
+    """
+
+    def info(self, labels: dict[str, str]) -> None:
+        self.clear()
+        self.labels(**labels).set(1)
 
 
 class Metrics:
@@ -57,7 +99,7 @@ class Metrics:
             "Changelog records not restored: beyond_cut (after the committed offset; replayed instead), "
             "incompatible (another model's state shape), unreadable.", ["reason"], registry=r)
         self.restoring = Gauge("streamlstm_restoring_partitions", "Partitions paused while their state is rebuilt.",
-                               registry=r)
+                               registry=r, multiprocess_mode="livesum")
         self.rebalances = Counter("streamlstm_rebalances_total", "Partition assignments received.", registry=r)
         self.partitions_lost = Counter("streamlstm_partitions_lost_total",
                                        "Partitions taken away without a chance to commit (group membership lost).",
@@ -69,17 +111,20 @@ class Metrics:
         self.rewinds = Counter("streamlstm_rewinds_total",
                                "Partitions sent back to their last commit, state included, to be redone.",
                                registry=r)
-        self.live_keys = Gauge("streamlstm_live_keys", "Keys with state in the table.", registry=r)
+        self.live_keys = Gauge("streamlstm_live_keys", "Keys with state in the table.", registry=r,
+                               multiprocess_mode="livesum")
         self.dropped_keys = Counter("streamlstm_keys_dropped_total",
                                     "Keys whose state was dropped and tombstoned: end, reset (without features), "
                                     "expired (idle longer than state.ttl_seconds).", ["reason"], registry=r)
         self.assigned = Gauge("streamlstm_assigned_partitions", "Input partitions assigned to this consumer.",
-                              registry=r)
-        self.lag = Gauge("streamlstm_consumer_lag", "Records behind the end of the partition.",
-                         ["topic", "partition"], registry=r)
+                              registry=r, multiprocess_mode="livesum")
+        self.lag = ClearableGauge("streamlstm_consumer_lag", "Records behind the end of the partition.",
+                                  ["topic", "partition"], registry=r, multiprocess_mode="livesum")
+        # Across workers, the oldest: the most stalled worker is the one to alert on.
         self.last_poll = Gauge("streamlstm_last_poll_timestamp_seconds", "When the poll loop last polled.",
-                               registry=r)
-        self.model = Info("streamlstm_model", "The model being served.", registry=r)
+                               registry=r, multiprocess_mode="livemin")
+        self.model = ModelInfo("streamlstm_model_info", "The model being served.", MODEL_LABELS, registry=r,
+                               multiprocess_mode="livemax")
         self.reloads = Counter("streamlstm_model_reloads_total",
                                "Newer artifacts found under model.path: swapped (now serving) or failed (not "
                                "loadable; the previous model keeps serving).", ["result"], registry=r)

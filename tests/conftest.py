@@ -211,6 +211,23 @@ def offline_predictions(tmp_path: Path, model: Path, events: list[dict]) -> dict
     return {p["event_ts"]: p for p in lines if "prediction" in p}
 
 
+def assert_equals_offline(published: list, expected: dict[int, dict], topic: str) -> set[tuple[int, int]]:
+    """Each published prediction is offline `predict`'s for the same event (by ts): same key, step and
+    model, within 1e-5. Returns the (partition, offset) of the events predicted."""
+    seen = set()
+    worst = 0.0
+    for record in published:
+        p = json.loads(record.value)
+        assert record.key.decode() == p["key"]
+        want = expected[p["event_ts"]]
+        assert (p["key"], p["step"]) == (want["key"], want["step"]), "prediction published for the wrong event"
+        assert p["source"]["topic"] == topic and p["model_version"] == want["model_version"]
+        worst = max(worst, max(abs(a - b) for a, b in zip(p["prediction"], want["prediction"])))
+        seen.add((p["source"]["partition"], p["source"]["offset"]))
+    assert worst <= 1e-5
+    return seen
+
+
 def consume_exactly(broker: EmbeddedBroker, topic: str, count: int, timeout_s: float = 60) -> list:
     """All records of a topic, read from the start; fails unless there are exactly `count`.
 

@@ -85,3 +85,16 @@ def test_each_bad_config_file_stops_startup_naming_the_file_and_key(tmp_path, te
 
 def test_a_missing_config_file_stops_startup_naming_it(tmp_path):
     assert_stops_startup(serve("--config", str(tmp_path / "absent.yaml")), str(tmp_path / "absent.yaml"))
+
+
+def test_serve_workers_is_a_positive_count_from_any_layer():
+    assert load_config(environ={}).serve.workers == 1
+    assert load_config(environ={"STREAMLSTM_SERVE__WORKERS": "3"}).serve.workers == 3
+    with pytest.raises(ConfigError, match=r"serve\.workers: must be positive"):
+        load_config(overrides=["serve.workers=0"], environ={})
+
+
+def test_a_bad_model_stops_several_workers_once_before_any_starts(tmp_path):
+    absent = tmp_path / "absent"
+    result = serve("--config", str(DOCUMENTED), "--set", "serve.workers=2", "--set", f"model.path={absent}")
+    assert_stops_startup(result, str(absent))

@@ -1,7 +1,6 @@
 """The daemon end to end, against the real embedded broker, as a real subprocess."""
 
 import itertools
-import json
 import random
 import re
 import signal
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    assert_equals_offline,
     consume_exactly,
     event_value,
     http_get,
@@ -90,18 +90,7 @@ def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker
     published = consume_exactly(broker, daemon.kafka["output_topic"], len(good))
     letters = consume_exactly(broker, daemon.kafka["dlq_topic"], sum(dead.values()))
 
-    expected = offline_predictions(tmp_path, model_dir, good)
-    seen = set()
-    worst = 0.0
-    for record in published:
-        p = json.loads(record.value)
-        assert record.key.decode() == p["key"]
-        want = expected[p["event_ts"]]
-        assert (p["key"], p["step"]) == (want["key"], want["step"]), "prediction published for the wrong event"
-        assert p["source"]["topic"] == daemon.topic and p["model_version"] == want["model_version"]
-        worst = max(worst, max(abs(a - b) for a, b in zip(p["prediction"], want["prediction"])))
-        seen.add((p["source"]["partition"], p["source"]["offset"]))
-    assert worst <= 1e-5
+    seen = assert_equals_offline(published, offline_predictions(tmp_path, model_dir, good), daemon.topic)
     assert len(seen) == len(good) and len({part for part, _ in seen}) == 4
 
     # every bad event, with its reason and its original bytes, and where it came from

@@ -1,0 +1,224 @@
+"""serve.workers > 1: several daemon processes in one pod, supervised, behind the pod's one HTTP port.
+
+Every worker is a Daemon in the consumer group, so Kafka spreads the input partitions over them as over
+replicas, and each key's state follows its partition: N workers are as correct as N pods. Workers are
+spawned, not forked (torch and CUDA are not fork-safe), and serve their own endpoints on 127.0.0.1.
+The supervisor answers http.port for the pod: /metrics adds up the workers' values (prometheus-client's
+multiprocess mode; process_* metrics describe one process, so they stay on each worker's own port: use
+the container's metrics for the pod), /healthz and /readyz ask every worker. A worker that dies ends the
+pod with exit code 1, so Kubernetes restarts it whole; SIGTERM stops every worker cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import http.client
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Collection
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from .artifact import load_artifact, newest_artifact
+from .cli import configure_logging, on_stop_signals
+from .config import Config
+from .daemon import Daemon
+from .http_server import HttpServer
+from .metrics import MULTIPROC_DIR
+from .predictor import resolve_device
+
+log = logging.getLogger(__name__)
+
+ASK_TIMEOUT_S = 2.0  # per worker, well inside a probe's timeoutSeconds
+
+
+def serve_workers(cfg: Config) -> int:
+    """Run cfg.serve.workers workers until SIGTERM or SIGINT (0), or until one dies (1)."""
+    check_model(cfg)
+    directory, temporary = metrics_directory()
+    supervisor = Supervisor(cfg, directory)
+    wakeup = wake_on_stop_signals()
+    supervisor.http.start()
+    log.info("http on %s:%d (/metrics /healthz /readyz) for %d workers", cfg.http.host, supervisor.http.port,
+             cfg.serve.workers)
+    try:
+        supervisor.start()
+        return supervisor.supervise(wakeup)
+    finally:
+        supervisor.http.stop()
+        if temporary:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def check_model(cfg: Config) -> None:
+    """Fail once, before any worker starts, where every worker would (ConfigError, ArtifactError).
+
+    The model is loaded on the CPU: the supervisor keeps no GPU memory.
+    """
+    resolve_device(cfg.model.device)
+    load_artifact(newest_artifact(cfg.model.path))
+
+
+def metrics_directory() -> tuple[Path, bool]:
+    """Where the workers write their metric values: PROMETHEUS_MULTIPROC_DIR emptied of an earlier run's
+    files, or a new temporary directory (True: remove it at the end).
+
+    Set in the environment before the workers start, so their prometheus-client picks multiprocess mode.
+    """
+    given = os.environ.get(MULTIPROC_DIR)
+    if given:
+        directory = Path(given)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):  # values of dead processes would be added to ours
+            stale.unlink()
+        return directory, False
+    directory = Path(tempfile.mkdtemp(prefix="streamlstm-metrics-"))
+    os.environ[MULTIPROC_DIR] = str(directory)
+    return directory, True
+
+
+def wake_on_stop_signals() -> int:
+    """SIGTERM (Kubernetes) and SIGINT (Ctrl-C) write to the pipe whose read end this returns."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write)
+    on_stop_signals(lambda: None)
+    return read
+
+
+def worker_config(cfg: Config, index: int) -> Config:
+    """A worker's configuration: its endpoints on a free loopback port (the supervisor's is the pod's),
+    and under exactly_once a transactional id of its own (a shared one would fence the others)."""
+    kafka = cfg.kafka
+    if kafka.processing_guarantee == "exactly_once":
+        kafka = dataclasses.replace(kafka, transactional_id=f"{kafka.transactional_id_or_default()}-{index}")
+    http = dataclasses.replace(cfg.http, host="127.0.0.1", port=0)
+    return dataclasses.replace(cfg, kafka=kafka, http=http)
+
+
+def work(cfg: Config, index: int, port_to: Connection) -> None:
+    """A worker process: a Daemon that tells the supervisor its HTTP port, then runs until SIGTERM."""
+    configure_logging(cfg.log.level, f"worker-{index} ")
+    stopped = threading.Event()
+    on_stop_signals(stopped.set)  # a stop while the model loads still counts
+    daemon = Daemon(cfg)
+    port_to.send(daemon.http.port)  # bound in Daemon(): known before run()
+    port_to.close()
+    on_stop_signals(daemon.stop)
+    if stopped.is_set():
+        daemon.stop()
+    daemon.run()
+
+
+def ask(port: int, path: str) -> tuple[int, str]:
+    """A worker's answer on one endpoint: status and body; 0 and why when it does not answer in time."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=ASK_TIMEOUT_S)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace").strip()
+    except (OSError, http.client.HTTPException) as exc:
+        return 0, f"no answer on {path} ({exc})"
+    finally:
+        connection.close()
+
+
+class Supervisor:
+    """The pod's workers, and its HTTP port answering for all of them."""
+
+    def __init__(self, cfg: Config, directory: Path) -> None:
+        self.cfg = cfg
+        self.directory = directory
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=str(directory))
+        self.procs: list[BaseProcess] = []
+        self.pipes: dict[Connection, int] = {}  # to a worker that has not told its port yet -> its index
+        self.ports: dict[int, int] = {}  # worker index -> its HTTP port, once its model is loaded
+        self.http = HttpServer(cfg.http.host, cfg.http.port, lambda: generate_latest(self.registry),
+                               self.healthy, self.ready)
+
+    def start(self) -> None:
+        spawn = multiprocessing.get_context("spawn")
+        for index in range(self.cfg.serve.workers):
+            receive, send = spawn.Pipe(duplex=False)
+            # daemon: should the supervisor itself fail, multiprocessing stops the workers at its exit
+            proc = spawn.Process(target=work, args=(worker_config(self.cfg, index), index, send),
+                                 name=f"worker-{index}", daemon=True)
+            proc.start()
+            send.close()
+            self.procs.append(proc)
+            self.pipes[receive] = index
+            log.info("worker %d started (pid %d)", index, proc.pid)
+
+    def healthy(self) -> tuple[bool, str]:
+        """Live while every worker runs and says it is live; a worker loading its model is live."""
+        return self._ask_all("/healthz", loading_ok=True)
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready when every worker is: one with partitions still restoring holds its keys back."""
+        return self._ask_all("/readyz", loading_ok=False)
+
+    def _ask_all(self, path: str, loading_ok: bool) -> tuple[bool, str]:
+        if len(self.procs) < self.cfg.serve.workers:  # asked while they are being spawned
+            return loading_ok, "starting the workers"
+        for index, proc in enumerate(self.procs):
+            if wait([proc.sentinel], 0):  # unlike is_alive(), safe beside the main thread's join
+                return False, f"worker {index} exited"
+            if index not in self.ports:
+                if loading_ok:
+                    continue
+                return False, f"worker {index}: loading the model"
+            status, detail = ask(self.ports[index], path)
+            if status != 200:
+                return False, f"worker {index}: {detail}"
+        return True, f"ok: {len(self.procs)} workers"
+
+    def supervise(self, wakeup: int) -> int:
+        """Until a stop signal (every worker stopped: 0 if cleanly) or a worker's death (the others stopped: 1)."""
+        deaths = {proc.sentinel: index for index, proc in enumerate(self.procs)}
+        while True:
+            ready = wait([wakeup, *deaths, *self.pipes])
+            if wakeup in ready:
+                log.info("stopping: SIGTERM to every worker")
+                return self.stop()
+            dead = [deaths[s] for s in ready if s in deaths]
+            if dead:
+                for index in dead:
+                    proc = self.procs[index]
+                    proc.join()
+                    log.error("worker %d (pid %d) exited unexpectedly with code %s; stopping the others, the pod "
+                              "restarts", index, proc.pid, proc.exitcode)
+                self.stop(reported=dead)
+                return 1
+            for pipe in ready:
+                index = self.pipes.pop(pipe)
+                with contextlib.suppress(EOFError):  # it died before telling: its sentinel says so next
+                    self.ports[index] = pipe.recv()
+
+    def stop(self, reported: Collection[int] = ()) -> int:
+        """SIGTERM to every worker, then wait: each checkpoints and leaves the group. 0 if all stopped cleanly;
+        the others are logged, but for those `reported` already."""
+        for proc in self.procs:
+            proc.terminate()
+        failed = False
+        for index, proc in enumerate(self.procs):
+            proc.join()
+            mark_process_dead(proc.pid, str(self.directory))
+            # -SIGTERM: ended by it before its handler was installed, so before it joined the group
+            if proc.exitcode not in (0, -signal.SIGTERM):
+                failed = True
+                if index not in reported:
+                    log.error("worker %d (pid %d) ended with exit code %s", index, proc.pid, proc.exitcode)
+        log.info("stopped")
+        return 1 if failed else 0
