@@ -30,10 +30,8 @@ Run from the repository root (about a minute on a 2-core VM):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -48,6 +46,8 @@ import torch
 from kafka import KafkaProducer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import crc32c_implementation, machine  # noqa: E402
+
 from streamlstm import changelog  # noqa: E402
 from streamlstm.broker import EmbeddedBroker  # noqa: E402
 from streamlstm.changelog import PartitionRestore  # noqa: E402
@@ -276,23 +276,6 @@ def verify(original: StateTable, restored: StateTable, keys: list[StateKey]) -> 
 
 
 # --------------------------------------------------------------------------- report
-
-def crc32c_implementation() -> str:
-    """kafka-python checksums every record batch it produces or fetches with the `crc32c` module when
-    it can import it, else with its own pure-Python code (about 8 MB/s here): this decides both figures."""
-    return "crc32c module (C)" if importlib.util.find_spec("crc32c") else "pure Python (kafka-python's fallback)"
-
-
-def machine() -> dict[str, object]:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    with open("/proc/meminfo") as f:
-        ram_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram_kib / 2**20, 1),
-            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "kafka_python": kafka.__version__, "kafka_python_crc32c": crc32c_implementation(),
-            "numpy": np.__version__}
-
 
 def per_key_us(seconds: float, keys: int) -> float:
     return seconds / keys * 1e6

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -55,6 +53,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import machine  # noqa: E402
+
 from streamlstm import cell  # noqa: E402
 from streamlstm.artifact import Artifact  # noqa: E402
 from streamlstm.cell import fused_layer_step, fused_weights, layer_weights, lstm_step  # noqa: E402
@@ -292,27 +292,6 @@ def profile(batch: int, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def machine(device: torch.device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info["cores"] = os.cpu_count()
-    if device.type == "cuda":
-        info.update(cuda=torch.version.cuda, device=torch.cuda.get_device_name(),
-                    device_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
-        try:
-            import triton
-            info["triton"] = triton.__version__
-        except ImportError:
-            info["triton"] = None
-    return info
 
 
 def main() -> None:

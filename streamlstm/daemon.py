@@ -8,6 +8,7 @@ partitions sent back to their last commit because the broker refused some of the
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -21,12 +22,12 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
 from .artifact import Artifact, ArtifactError, load_artifact, newest_artifact
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, Outcome
 from .config import Config
 from .events import Event, EventDecoder, Rejection, encode_record, prediction_record
 from .http_server import HttpServer
 from .kafka_io import ChangelogReader, Failure, KafkaIO, ensure_changelog, ensure_topics
-from .metrics import Metrics
+from .metrics import Metrics, observe_many
 from .model_reload import ModelWatcher
 from .predictor import StreamingPredictor, resolve_device
 from .restore import Restorer
@@ -35,6 +36,9 @@ from .state import StateKey
 log = logging.getLogger(__name__)
 
 BACKOFF_MAX_S = 30
+# While a checkpoint is under way, each pass of the loop sends at least this many state records (about
+# 5 ms of kafka-python sends), and at least as many as it handled events, so checkpoints keep pace.
+STATE_RECORDS_PER_POLL = 128
 
 
 class Backoff:
@@ -138,10 +142,14 @@ class Daemon:
                                          self.predictor.version)
         log.info("consuming %s as group %s from %s; state in %s", kafka.input_topic, kafka.group_id,
                  kafka.bootstrap_servers, self.changelog_topic)
+        # Start-up leaves a few hundred thousand long-lived objects (torch, the model, the clients) that
+        # every full garbage collection would walk again; the per-event garbage made those collections
+        # cost a third of the events/s (docs/benchmarks.md). Frozen, they are never walked.
+        gc.freeze()
         try:
             self._loop(io)
             log.info("stopping: final checkpoint, leaving the group")
-            if failed := self.checkpointer.checkpoint():
+            if failed := self.checkpointer.checkpoint().failed:
                 log.warning("input partitions %s stay uncommitted (the broker refused their records); their "
                             "next owner redoes them from their last commit", sorted(failed))
         finally:
@@ -185,17 +193,21 @@ class Daemon:
     def _loop(self, io: KafkaIO) -> None:
         interval = self.cfg.state.checkpoint_interval_ms / 1000
         next_checkpoint = time.monotonic() + interval
+        checkpointer = self.checkpointer
         while not self._stop.is_set():
             self._last_poll = time.monotonic()
             self.metrics.last_poll.set_to_current_time()
             try:
-                records = io.poll(0 if self.restorer.busy else None)
+                records = io.poll(0 if self.restorer.busy or checkpointer.writing else None)
                 if records:
                     self._process(io, records)
                 self.restorer.step()
                 self._reload(io)
-                if time.monotonic() >= next_checkpoint:
-                    self._checkpoint(io)
+                if checkpointer.writing:
+                    if checkpointer.write(max(STATE_RECORDS_PER_POLL, len(records))):
+                        self._checkpointed(checkpointer.finish())
+                elif time.monotonic() >= next_checkpoint:
+                    self._begin_checkpoint(io)
                     self._report_lag(io)
                     next_checkpoint = time.monotonic() + interval
             except KafkaError as exc:  # a broker that does not answer: sends never raise, these calls may
@@ -203,14 +215,24 @@ class Daemon:
                 log.warning("Kafka call failed (%r); retrying in %.0f s", exc, delay)
                 self._wait(delay)
 
+    def _begin_checkpoint(self, io: KafkaIO) -> None:
+        """At least once: a snapshot, written a slice per poll. Exactly once: a whole checkpoint, since
+        every output sent before its commit joins its transaction, later events' ones included."""
+        if self.cfg.kafka.processing_guarantee == "exactly_once":
+            self._checkpoint(io)
+        else:
+            self.checkpointer.begin()
+
     def _checkpoint(self, io: KafkaIO) -> None:
-        """A checkpoint; the backoff ends once every rewound partition has committed again."""
-        pending = {tp.partition for tp in io.pending()}
-        failed = self.checkpointer.checkpoint()
-        if failed:
-            self._rewind(io, failed)
+        """A whole checkpoint now."""
+        self._checkpointed(self.checkpointer.checkpoint())
+
+    def _checkpointed(self, outcome: Outcome) -> None:
+        """Partitions refused are redone; the backoff ends once every rewound partition has committed again."""
+        if outcome.failed:
+            self._rewind(self.io, outcome.failed)
             return
-        self._redoing &= {tp.partition for tp in self.restorer.assigned} - pending
+        self._redoing &= {tp.partition for tp in self.restorer.assigned} - outcome.committed
         if not self._redoing:
             self.backoff.reset()
 
@@ -312,14 +334,13 @@ class Daemon:
                 m.step_batch.observe(size)
                 m.step_duration.observe(seconds)
             version = self.predictor.version
-            now_ms = time.time() * 1000
-            for (record, event), prediction, step in zip(stepping, result.predictions.tolist(),
-                                                         result.steps.tolist()):
-                source = (record.topic, record.partition, record.offset)
+            for (record, event), prediction, step in zip(stepping, result.predictions.tolist(), result.steps.tolist()):
                 event_ts = record.timestamp if event.ts is None else event.ts
-                published = prediction_record(event, prediction, step, version, source, event_ts)
+                published = prediction_record(event, prediction, step, version,
+                                              (record.topic, record.partition, record.offset), event_ts)
                 io.send_prediction(record, encode_record(published))
-                m.latency.observe(max(now_ms - record.timestamp, 0.0) / 1000)
+            record_ms = np.array([r.timestamp for r, _ in stepping], dtype=np.float64)
+            observe_many(m.latency, np.maximum(time.time() * 1000 - record_ms, 0.0) / 1000)
             m.predictions.inc(len(stepping))
         self.predictor.table.drop(plan.tombstones.keys(), plan.tombstones.values())
         for reason, count in plan.dropped.items():

@@ -138,6 +138,7 @@ class KafkaIO:
         self._committed: dict[TopicPartition, int] = {}
         self._failed: dict[int, Failure] = {}  # by source partition; written on the producer's thread too
         self.producer = self._new_producer()
+        self.copartitioned = self._same_partition_count(cfg.input_topic, cfg.output_topic)
         self.consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers, client_id=cfg.client_id, group_id=cfg.group_id,
             enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
@@ -157,6 +158,16 @@ class KafkaIO:
         if self.transactional:
             producer.init_transactions()  # fences a predecessor with our id, aborting its transaction
         return producer
+
+    def _same_partition_count(self, source: str, sink: str) -> bool:
+        """Whether a prediction can go to its event's partition number: with as many output partitions
+        as input ones, each key's predictions then sit beside its events and its state (co-partitioned,
+        as Kafka Streams requires of topics to be joined), and the producer's per-record key hashing
+        (pure Python in kafka-python) is skipped. Otherwise the producer hashes the key."""
+        try:
+            return self.producer.partitions_for(source) == self.producer.partitions_for(sink)
+        except KafkaError:
+            return False
 
     def reopen_producer(self) -> None:
         """Replace a producer that refused records: kafka-python's may be left unusable (a fatal
@@ -190,7 +201,8 @@ class KafkaIO:
         self._failed.setdefault(source, Failure(topic, error))
 
     def send_prediction(self, record: ConsumerRecord, value: bytes) -> None:
-        self._send(record.partition, self.cfg.output_topic, key=record.key, value=value)
+        partition = record.partition if self.copartitioned else None
+        self._send(record.partition, self.cfg.output_topic, key=record.key, value=value, partition=partition)
 
     def send_dead_letter(self, record: ConsumerRecord, reason: str, detail: str) -> None:
         """The original key and value bytes, untouched; why and where from in the headers."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.process_collector import ProcessCollector
@@ -131,3 +132,19 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """Histogram.observe for a whole batch at once: one bucket count per bucket, not per value.
+
+    prometheus-client has no batch call and its observe() walks the buckets in Python (a few µs per
+    event on the hot path); this adds the same counts to the same values (tests compare the two).
+    """
+    if not len(values):
+        return
+    bounds = np.asarray(histogram._upper_bounds)
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    histogram._sum.inc(float(values.sum()))
+    for bucket, count in zip(histogram._buckets, counts.tolist()):
+        if count:
+            bucket.inc(count)

@@ -86,8 +86,11 @@ def predictions_by_source(broker, topic: str, expected: int, timeout_s: float = 
 
 
 def assert_exact(tmp_path, model_dir, events: list[dict], found: dict[int, list[dict]]) -> int:
-    """Every event predicted; all predictions of one event identical; each equal to offline within 1e-5.
+    """Every event predicted; every prediction of it (duplicates included) at the event's own step count
+    and equal to offline within 1e-5, so no step was applied twice or lost.
 
+    Duplicates are recomputations after a crash; in a batch of another size the CPU's matmul may round
+    the last bit differently (batches of 1 to 3 rows take another kernel), hence 1e-5 and not ==.
     Returns how many duplicates there were.
     """
     expected = offline_predictions(tmp_path, model_dir, events)
@@ -99,13 +102,11 @@ def assert_exact(tmp_path, model_dir, events: list[dict], found: dict[int, list[
     assert set(found) == set(step_of), "events without a prediction"
     duplicates = 0
     for ts, predictions in found.items():
-        first = predictions[0]
-        assert all(p == first for p in predictions[1:]), f"event {ts}: differing duplicates {predictions}"
         duplicates += len(predictions) - 1
-        key, step = step_of[ts]
-        assert (first["key"], first["step"]) == (key, step), f"event {ts}: step {first['step']}, expected {step}"
         want = expected[ts]["prediction"]
-        assert max(abs(a - b) for a, b in zip(first["prediction"], want)) <= 1e-5, (first, want)
+        for p in predictions:
+            assert (p["key"], p["step"]) == step_of[ts], f"event {ts}: {p['key']} step {p['step']}, expected {step_of[ts]}"
+            assert max(abs(a - b) for a, b in zip(p["prediction"], want)) <= 1e-5, (p, want)
     return duplicates
 
 

