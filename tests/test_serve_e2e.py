@@ -1,6 +1,7 @@
 """The daemon end to end, against the real embedded broker, as a real subprocess."""
 
 import itertools
+import json
 import random
 import re
 import signal
@@ -92,6 +93,8 @@ def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker
 
     seen = assert_equals_offline(published, offline_predictions(tmp_path, model_dir, good), daemon.topic)
     assert len(seen) == len(good) and len({part for part, _ in seen}) == 4
+    # as many output as input partitions: each prediction sits in its event's partition (co-partitioned)
+    assert all(r.partition == json.loads(r.value)["source"]["partition"] for r in published)
 
     # every bad event, with its reason and its original bytes, and where it came from
     assert Counter((dict(r.headers)[DLQ_REASON].decode(), r.value) for r in letters) == dead
