@@ -202,12 +202,12 @@ class Daemon:
                 if records:
                     self._process(io, records)
                 self.restorer.step()
-                self._reload(io)
+                self._reload()
                 if checkpointer.writing:
                     if checkpointer.write(max(STATE_RECORDS_PER_POLL, len(records))):
                         self._checkpointed(checkpointer.finish())
                 elif time.monotonic() >= next_checkpoint:
-                    self._begin_checkpoint(io)
+                    self._begin_checkpoint()
                     self._report_lag(io)
                     next_checkpoint = time.monotonic() + interval
             except KafkaError as exc:  # a broker that does not answer: sends never raise, these calls may
@@ -215,15 +215,15 @@ class Daemon:
                 log.warning("Kafka call failed (%r); retrying in %.0f s", exc, delay)
                 self._wait(delay)
 
-    def _begin_checkpoint(self, io: KafkaIO) -> None:
+    def _begin_checkpoint(self) -> None:
         """At least once: a snapshot, written a slice per poll. Exactly once: a whole checkpoint, since
         every output sent before its commit joins its transaction, later events' ones included."""
         if self.cfg.kafka.processing_guarantee == "exactly_once":
-            self._checkpoint(io)
+            self._checkpoint()
         else:
             self.checkpointer.begin()
 
-    def _checkpoint(self, io: KafkaIO) -> None:
+    def _checkpoint(self) -> None:
         """A whole checkpoint now."""
         self._checkpointed(self.checkpointer.checkpoint())
 
@@ -256,7 +256,7 @@ class Daemon:
         self.metrics.rewinds.inc(len(partitions))
         io.reopen_producer()
 
-    def _reload(self, io: KafkaIO) -> None:
+    def _reload(self) -> None:
         """Swap in a newer model between two steps, or report one that failed to load and keep serving.
 
         A checkpoint first, so a replay after a crash never crosses the swap. The keys keep their state
@@ -269,7 +269,7 @@ class Daemon:
             return
         if loaded is None or loaded.version == self.predictor.version:
             return
-        self._checkpoint(io)
+        self._checkpoint()
         old, spec, table = self.predictor.version, loaded.spec, self.predictor.table
         keep = self._accepts()[:2] == (spec.num_layers, spec.hidden_size) and self.cfg.model.on_reload == "keep_state"
         if not keep:
@@ -297,6 +297,7 @@ class Daemon:
     def on_lost(self, partitions: set[TopicPartition]) -> None:
         self.metrics.partitions_lost.inc(len(partitions))
         self.restorer.on_lost(partitions)
+        self.checkpointer.forget(partitions)  # a snapshot under way must not commit them for their new owner
         self.io.abort()
         self.io.forget(partitions)
         log.warning("lost partitions %s without committing (group membership lost); their state is dropped "
