@@ -5,6 +5,7 @@ declared, or a value of the wrong type, is an error naming the key and where the
 """
 
 import dataclasses
+import importlib.util
 import os
 import socket
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap_servers: str = "127.0.0.1:9092"
+    client: str = "kafka-python"
     input_topic: str = "events"
     output_topic: str = "predictions"
     dlq_topic: str = "events-dlq"
@@ -134,6 +136,7 @@ class Config:
 
 
 _CHOICES = {
+    ("kafka", "client"): ("kafka-python", "confluent"),
     ("kafka", "auto_offset_reset"): ("earliest", "latest"),
     ("kafka", "processing_guarantee"): ("at_least_once", "exactly_once"),
     ("kafka", "security_protocol"): ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
@@ -231,7 +234,19 @@ class _Builder:
         for section, part in parts.items():
             for key, value in dataclasses.asdict(part).items():
                 _validate(f"{section}.{key}", value)
+        _check_client(parts["kafka"])
         return Config(**parts)
+
+
+def _check_client(kafka: KafkaConfig) -> None:
+    if kafka.client != "confluent":
+        return
+    if kafka.processing_guarantee == "exactly_once":
+        raise ConfigError("config: kafka.client: confluent supports processing_guarantee at_least_once only; "
+                          "set kafka.client: kafka-python for exactly_once")
+    if importlib.util.find_spec("confluent_kafka") is None:
+        raise ConfigError("config: kafka.client: confluent needs the confluent-kafka package: "
+                          "pip install 'streamlstm[confluent]', or set kafka.client: kafka-python")
 
 
 def _read_yaml(path: Path) -> Mapping[str, Any]:

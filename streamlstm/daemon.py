@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from kafka import TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 
 from .artifact import Artifact, ArtifactError, load_artifact, newest_artifact
@@ -26,7 +25,15 @@ from .checkpoint import Checkpointer, Outcome
 from .config import Config
 from .events import Event, EventDecoder, Rejection, encode_record, prediction_record
 from .http_server import HttpServer
-from .kafka_io import ChangelogReader, Failure, KafkaIO, ensure_changelog, ensure_topics
+from .kafka_io import (
+    ChangelogReader,
+    Failure,
+    KafkaIO,
+    Record,
+    ensure_changelog,
+    ensure_topics,
+    open_io,
+)
 from .metrics import Metrics, observe_many
 from .model_reload import ModelWatcher
 from .predictor import StreamingPredictor, resolve_device
@@ -172,7 +179,7 @@ class Daemon:
                 if kafka.create_topics:
                     ensure_topics(kafka)
                 ensure_changelog(kafka, self.changelog_topic)
-                self.io = KafkaIO(kafka, self)
+                self.io = open_io(kafka, self)
                 self.backoff.reset()
                 return self.io
             except KafkaError as exc:
@@ -303,11 +310,11 @@ class Daemon:
         log.warning("lost partitions %s without committing (group membership lost); their state is dropped "
                     "and will be restored by their new owner", sorted(tp.partition for tp in partitions))
 
-    def _process(self, io: KafkaIO, records: list[ConsumerRecord]) -> None:
+    def _process(self, io: KafkaIO, records: list[Record]) -> None:
         m = self.metrics
         m.events_consumed.inc(len(records))
         m.poll_records.observe(len(records))
-        accepted: list[tuple[ConsumerRecord, Event]] = []
+        accepted: list[tuple[Record, Event]] = []
         for record in records:
             decoded = self.decoder.decode(record.key, record.value)
             if isinstance(decoded, Rejection):
@@ -321,7 +328,7 @@ class Daemon:
             self._apply(io, accepted)
         io.mark_done(records)
 
-    def _apply(self, io: KafkaIO, accepted: list[tuple[ConsumerRecord, Event]]) -> None:
+    def _apply(self, io: KafkaIO, accepted: list[tuple[Record, Event]]) -> None:
         m = self.metrics
         keys = [(record.partition, event.key) for record, event in accepted]
         plan = self._plan(keys, accepted)
@@ -348,7 +355,7 @@ class Daemon:
             m.dropped_keys.labels(reason).inc(count)
         m.live_keys.set(len(self.predictor.table))
 
-    def _plan(self, keys: list[StateKey], accepted: list[tuple[ConsumerRecord, Event]]) -> Plan:
+    def _plan(self, keys: list[StateKey], accepted: list[tuple[Record, Event]]) -> Plan:
         """Apply reset, end and expiry in event order, so a batch means what its events one by one mean.
 
         A key starts from zero state at a reset, after an end, and after a gap longer than the TTL on the

@@ -114,10 +114,22 @@ def isolation_level(cfg: KafkaConfig) -> str:
     return "read_committed" if cfg.processing_guarantee == "exactly_once" else "read_uncommitted"
 
 
+class Record(NamedTuple):
+    """An input record, as the daemon reads it: confluent_io makes these; kafka-python's ConsumerRecord
+    has the same fields under the same names (and more), and is passed as it is."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+
+
 class Rebalance(Protocol):
     """What the owner of per-partition state does when the group moves partitions.
 
-    Called on kafka-python's IO thread, inside poll() or close(): no blocking consumer calls here.
+    Called inside poll() or close() (kafka-python: on its IO thread): no blocking consumer calls here.
     """
 
     def on_revoked(self, partitions: set[TopicPartition]) -> None: ...
@@ -127,8 +139,23 @@ class Rebalance(Protocol):
     def on_lost(self, partitions: set[TopicPartition]) -> None: ...
 
 
+def open_io(cfg: KafkaConfig, rebalance: Rebalance) -> KafkaIO:
+    """The daemon's consumer and producer, with the client `kafka.client` names."""
+    if cfg.client == "confluent":
+        from .confluent_io import (
+            ConfluentIO,  # an optional dependency, imported only when chosen
+        )
+
+        return ConfluentIO(cfg, rebalance)
+    return KafkaIO(cfg, rebalance)
+
+
 class KafkaIO:
-    """One consumer in the group plus one producer; tracks what may be committed."""
+    """One consumer in the group plus one producer; tracks what may be committed.
+
+    The bookkeeping here is the client's; the calls into kafka-python are the methods that
+    confluent_io.ConfluentIO overrides.
+    """
 
     def __init__(self, cfg: KafkaConfig, rebalance: Rebalance) -> None:
         self.cfg = cfg
@@ -139,14 +166,19 @@ class KafkaIO:
         self._failed: dict[int, Failure] = {}  # by source partition; written on the producer's thread too
         self.producer = self._new_producer()
         self.copartitioned = self._same_partition_count(cfg.input_topic, cfg.output_topic)
-        self.consumer = KafkaConsumer(
+        self.consumer = self._subscribe(rebalance)
+
+    def _subscribe(self, rebalance: Rebalance) -> KafkaConsumer:
+        cfg = self.cfg
+        consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers, client_id=cfg.client_id, group_id=cfg.group_id,
             enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
             session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
             max_poll_records=cfg.max_poll_records, fetch_max_wait_ms=cfg.fetch_max_wait_ms,
             isolation_level=isolation_level(cfg), **client_settings(cfg),
         )
-        self.consumer.subscribe([cfg.input_topic], listener=_Listener(rebalance))
+        consumer.subscribe([cfg.input_topic], listener=_Listener(rebalance))
+        return consumer
 
     def _new_producer(self) -> KafkaProducer:
         cfg = self.cfg
@@ -165,24 +197,31 @@ class KafkaIO:
         as Kafka Streams requires of topics to be joined), and the producer's per-record key hashing
         (pure Python in kafka-python) is skipped. Otherwise the producer hashes the key."""
         try:
-            return self.producer.partitions_for(source) == self.producer.partitions_for(sink)
+            return self._partitions(source) == self._partitions(sink)
         except KafkaError:
             return False
 
+    def _partitions(self, topic: str) -> set[int]:
+        return self.producer.partitions_for(topic)
+
     def reopen_producer(self) -> None:
-        """Replace a producer that refused records: kafka-python's may be left unusable (a fatal
-        idempotence error after a broker lost its state). Call only when nothing is in flight."""
+        """Replace a producer that refused records: one may be left unusable (a fatal idempotence
+        error after a broker lost its state). Call only when nothing is in flight."""
         fresh = self._new_producer()  # may raise (broker away): the old one stays, its sends keep failing
-        self.producer.close(timeout=0)
+        self._close_producer(timeout_s=0)
         self.producer, self._in_transaction = fresh, False
 
-    def poll(self, timeout_ms: int | None = None) -> list[ConsumerRecord]:
+    def _close_producer(self, timeout_s: float | None = None) -> None:
+        self.producer.close(timeout=timeout_s)
+
+    def poll(self, timeout_ms: int | None = None) -> list[Record]:
         """Records of one poll, partition by partition in offset order."""
         timeout = self.cfg.poll_timeout_ms if timeout_ms is None else timeout_ms
         batches = self.consumer.poll(timeout_ms=timeout, max_records=self.cfg.max_poll_records)
         return [record for records in batches.values() for record in records]
 
-    def _send(self, source: int, topic: str, **record: object) -> None:
+    def _send(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
+              headers: list[tuple[str, bytes]] | None = None) -> None:
         """Never raises: a refusal, now or after the producer's retries, fails the source partition.
 
         A failed partition's later records are not even sent: it will be redone from its last commit.
@@ -193,18 +232,24 @@ class KafkaIO:
         try:
             if self.transactional:
                 self._ensure_transaction()
-            self.producer.send(topic, **record).add_errback(self._fail, source, topic)
+            self._produce(source, topic, key, value, partition, headers)
         except KafkaError as exc:
             self._fail(source, topic, exc)
+
+    def _produce(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
+                 headers: list[tuple[str, bytes]] | None) -> None:
+        """Hand one record to the producer; a refusal later fails `source`. May raise KafkaError."""
+        self.producer.send(topic, key=key, value=value, partition=partition,
+                           headers=headers).add_errback(self._fail, source, topic)
 
     def _fail(self, source: int, topic: str, error: Exception) -> None:
         self._failed.setdefault(source, Failure(topic, error))
 
-    def send_prediction(self, record: ConsumerRecord, value: bytes) -> None:
+    def send_prediction(self, record: Record, value: bytes) -> None:
         partition = record.partition if self.copartitioned else None
         self._send(record.partition, self.cfg.output_topic, key=record.key, value=value, partition=partition)
 
-    def send_dead_letter(self, record: ConsumerRecord, reason: str, detail: str) -> None:
+    def send_dead_letter(self, record: Record, reason: str, detail: str) -> None:
         """The original key and value bytes, untouched; why and where from in the headers."""
         headers = [
             (DLQ_REASON, reason.encode()),
@@ -218,7 +263,7 @@ class KafkaIO:
         """A changelog record, into the partition that matches the key's input partition."""
         self._send(partition, topic, key=key, value=value, partition=partition, headers=headers)
 
-    def mark_done(self, records: list[ConsumerRecord]) -> None:
+    def mark_done(self, records: list[Record]) -> None:
         """Records whose outputs have been sent (not yet acknowledged)."""
         for record in records:
             self._done[TopicPartition(record.topic, record.partition)] = record.offset + 1
@@ -239,7 +284,7 @@ class KafkaIO:
 
         Under exactly_once one refusal aborts the transaction, which fails every partition in it.
         """
-        self.producer.flush()
+        self._flush_producer()
         failed, self._failed = self._failed, {}
         if failed and self.transactional:
             self.abort()
@@ -247,18 +292,21 @@ class KafkaIO:
             failed = {tp.partition: first for tp in self.pending()} | failed
         return failed
 
-    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+    def _flush_producer(self) -> None:
+        self.producer.flush()
+
+    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata], wait: bool = True) -> None:
         """Commit offsets whose records the broker has acknowledged (flush first, leave out failures).
 
         Under exactly_once the offsets join the open transaction, which then commits as a whole. A commit
         that fails is not fatal: the offsets stay pending for the next checkpoint, or, if the group has
-        moved the partition, its next owner processes those events again.
+        moved the partition, its next owner processes those events again. `wait`: see _commit_offsets.
         """
         try:
             if self.transactional:
                 self._commit_transaction(offsets)
             elif offsets:
-                self.consumer.commit(offsets, timeout_ms=CONSUMER_CALL_TIMEOUT_MS)
+                self._commit_offsets(offsets, wait)
         except KafkaError as exc:
             log.warning("offset commit failed (%r); retried at the next checkpoint unless the partitions have "
                         "moved, in which case their new owner processes the events since the last commit", exc)
@@ -303,15 +351,16 @@ class KafkaIO:
         if failed:
             log.warning("not committing revoked partitions %s: the broker refused their records (%r)",
                         sorted(failed), next(iter(failed.values())).error)
-        if self.transactional:
-            offsets = {tp: m for tp, m in self.pending().items() if tp.partition not in failed}
-            self.commit(offsets)
-        else:
-            offsets = {tp: m for tp, m in self.pending(partitions).items() if tp.partition not in failed}
-            if offsets:
-                self.consumer.commit_async(offsets)
-                self._remember(offsets)
+        pending = self.pending(None if self.transactional else partitions)
+        self.commit({tp: m for tp, m in pending.items() if tp.partition not in failed}, wait=False)
         self.forget(partitions)
+
+    def _commit_offsets(self, offsets: dict[TopicPartition, OffsetAndMetadata], wait: bool) -> None:
+        """`wait`: a synchronous commit; otherwise asynchronous (on kafka-python's IO thread it must be)."""
+        if wait:
+            self.consumer.commit(offsets, timeout_ms=CONSUMER_CALL_TIMEOUT_MS)
+        else:
+            self.consumer.commit_async(offsets)
 
     def _remember(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
         self._committed.update({tp: meta.offset for tp, meta in offsets.items()})
@@ -355,7 +404,7 @@ class KafkaIO:
         try:
             self.consumer.close(autocommit=False)
         finally:
-            self.producer.close()
+            self._close_producer()
 
 
 class ChangelogReader:
