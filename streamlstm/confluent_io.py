@@ -65,6 +65,17 @@ def _kafka_errors() -> Iterator[None]:
         raise KafkaError(str(exc.args[0] if exc.args else exc)) from exc
 
 
+def consume_available(consumer: Consumer, most: int, timeout_s: float) -> list[Message]:
+    """What is there, up to `most`, as soon as there is anything: librdkafka's consume(n, timeout)
+    waits for all n, which at 1 000 events/s held each event ~100 ms."""
+    messages = consumer.consume(most, 0)
+    if not messages and timeout_s > 0:
+        messages = consumer.consume(1, timeout_s)
+        if messages and most > 1:
+            messages += consumer.consume(most - 1, 0)
+    return messages
+
+
 def _ours(partitions: Iterable[Partition]) -> set[TopicPartition]:
     return {TopicPartition(p.topic, p.partition) for p in partitions}
 
@@ -127,7 +138,7 @@ class ConfluentIO(KafkaIO):
         timeout = self.cfg.poll_timeout_ms if timeout_ms is None else timeout_ms
         self.producer.poll(0)
         with _kafka_errors():
-            messages = self._consume(timeout / 1000)
+            messages = consume_available(self.consumer, self.cfg.max_poll_records, timeout / 1000)
         records = []
         for m in messages:
             if m.error() is not None:  # a partition or broker problem; librdkafka retries by itself
@@ -137,17 +148,6 @@ class ConfluentIO(KafkaIO):
             records.append(Record(m.topic(), m.partition(), m.offset(), m.timestamp()[1], m.key(),
                                            m.value()))
         return records
-
-    def _consume(self, timeout_s: float) -> list[Message]:
-        """What is there, up to max_poll_records, as soon as there is anything: librdkafka's
-        consume(n, timeout) waits for all n, which at 1 000 events/s held each event ~100 ms."""
-        most = self.cfg.max_poll_records
-        messages = self.consumer.consume(most, 0)
-        if not messages and timeout_s > 0:
-            messages = self.consumer.consume(1, timeout_s)
-            if messages and most > 1:
-                messages += self.consumer.consume(most - 1, 0)
-        return messages
 
     def _produce(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
                  headers: list[tuple[str, bytes]] | None) -> None:
