@@ -23,11 +23,11 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streamlstm.broker import EmbeddedBroker, free_port
 
-OUTAGE_S = 10
+OUTAGE_S = 5  # longer than the daemon's first backoffs (1, 2 s): it retries through the outage
 
 
 def test_a_daemon_started_before_its_broker_waits_alive_and_serves_when_it_appears(tmp_path, model_dir):
-    """Broker down at start for 10 s: no crash, /healthz 200 and /readyz 503 meanwhile, then serving."""
+    """Broker down at start for 5 s: no crash, /healthz 200 and /readyz 503 meanwhile, then serving."""
     absent = EmbeddedBroker(free_port(), log_file=tmp_path / "late-broker.log")
     daemon = DaemonProcess(tmp_path, absent, model_dir)
     try:
@@ -54,7 +54,7 @@ def messages(batch: list[dict]) -> list[tuple[bytes, bytes]]:
 
 
 def test_broker_stopped_mid_run_and_restarted_every_later_event_is_predicted(tmp_path, model_dir):
-    """The broker goes away for 10 s and comes back empty on the same port: the daemon lives through it,
+    """The broker goes away for 5 s and comes back empty on the same port: the daemon lives through it,
     notices that its records were refused, redoes from the (new) broker's committed offsets, and predicts
     every event produced after the return, each exactly as offline over what the broker now holds."""
     broker = EmbeddedBroker(free_port(), log_file=tmp_path / "broker.log").start()
