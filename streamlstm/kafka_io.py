@@ -53,6 +53,7 @@ class Failure(NamedTuple):
 
     topic: str
     error: Exception
+    offset: int | None = None  # the source record's, when the refusal came as it was sent
 
 
 def client_settings(cfg: KafkaConfig) -> dict[str, object]:
@@ -221,20 +222,24 @@ class KafkaIO:
         return [record for records in batches.values() for record in records]
 
     def _send(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
-              headers: list[tuple[str, bytes]] | None = None) -> None:
+              headers: list[tuple[str, bytes]] | None = None, offset: int | None = None) -> None:
         """Never raises: a refusal, now or after the producer's retries, fails the source partition.
 
-        A failed partition's later records are not even sent: it will be redone from its last commit.
-        Under exactly_once, everything sent between two checkpoints is one transaction.
+        A failed partition's records after the failed one are not even sent: it will be redone from its
+        last commit. `offset` is the source record's (None: a state record, after everything): a poll's
+        dead letters go out before its predictions, so the predictions of the events before a refused
+        dead letter are still sent. Under exactly_once, everything sent between two checkpoints is one
+        transaction.
         """
-        if source in self._failed:
+        failure = self._failed.get(source)
+        if failure is not None and (offset is None or failure.offset is None or offset > failure.offset):
             return
         try:
             if self.transactional:
                 self._ensure_transaction()
             self._produce(source, topic, key, value, partition, headers)
         except KafkaError as exc:
-            self._fail(source, topic, exc)
+            self._fail(source, topic, exc, offset)
 
     def _produce(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
                  headers: list[tuple[str, bytes]] | None) -> None:
@@ -242,12 +247,13 @@ class KafkaIO:
         self.producer.send(topic, key=key, value=value, partition=partition,
                            headers=headers).add_errback(self._fail, source, topic)
 
-    def _fail(self, source: int, topic: str, error: Exception) -> None:
-        self._failed.setdefault(source, Failure(topic, error))
+    def _fail(self, source: int, topic: str, error: Exception, offset: int | None = None) -> None:
+        self._failed.setdefault(source, Failure(topic, error, offset))
 
     def send_prediction(self, record: Record, value: bytes) -> None:
         partition = record.partition if self.copartitioned else None
-        self._send(record.partition, self.cfg.output_topic, key=record.key, value=value, partition=partition)
+        self._send(record.partition, self.cfg.output_topic, key=record.key, value=value, partition=partition,
+                   offset=record.offset)
 
     def send_dead_letter(self, record: Record, reason: str, detail: str) -> None:
         """The original key and value bytes, untouched; why and where from in the headers."""
@@ -256,7 +262,8 @@ class KafkaIO:
             (DLQ_DETAIL, detail.encode("utf-8", "replace")),
             (DLQ_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
         ]
-        self._send(record.partition, self.cfg.dlq_topic, key=record.key, value=record.value, headers=headers)
+        self._send(record.partition, self.cfg.dlq_topic, key=record.key, value=record.value, headers=headers,
+                   offset=record.offset)
 
     def send_state(self, topic: str, partition: int, key: bytes, value: bytes | None,
                    headers: list[tuple[str, bytes]] | None = None) -> None:

@@ -8,6 +8,7 @@ the truth is what it holds from then on: the events produced after its return.
 import json
 import time
 
+import pytest
 from conftest import (
     DaemonProcess,
     daemon_metric,
@@ -92,12 +93,13 @@ def test_broker_stopped_mid_run_and_restarted_every_later_event_is_predicted(tmp
         broker.stop()
 
 
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_a_record_the_dead_letter_topic_refuses_stops_its_partition_and_is_never_committed_past(
-        broker, daemon_factory):
+        broker, daemon_factory, client):
     """A 1.5 MB event is rejected (value_too_large) but its dead letter exceeds the producer's 1 MiB
     request limit: it can never be written. The daemon retries with backoff, stays alive and not ready,
     never commits its partition past it, and keeps serving the other partitions."""
-    daemon = daemon_factory().start()
+    daemon = daemon_factory(kafka__client=client).start()
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=4 << 20)
     sent: dict[int, list] = {}
     for i in range(40):

@@ -78,12 +78,13 @@ def workload(replace: bool, seed: int = 3) -> tuple[list[dict], list[tuple[bytes
     return good, stream, dead
 
 
-@pytest.mark.parametrize("policy", ["reject", "replace_with_mean"])
+@pytest.mark.parametrize("policy,client", [("reject", "kafka-python"), ("replace_with_mean", "kafka-python"),
+                                           ("reject", "confluent")])
 def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker, model_dir, daemon_factory,
-                                                                 policy):
+                                                                 policy, client):
     good, stream, dead = workload(replace=policy == "replace_with_mean")
     assert sum(dead.values()) >= 0.3 * len(stream) and {r for r, _ in dead} >= set(REASONS) - REPLACEABLE
-    daemon = daemon_factory(events__invalid_feature=policy)
+    daemon = daemon_factory(events__invalid_feature=policy, kafka__client=client)
     ensure_topics(KafkaConfig(**daemon.kafka))
     produce(broker, daemon.topic, stream)  # all before the daemon starts: polls hold keys many times
     daemon.start()
