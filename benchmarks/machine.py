@@ -29,6 +29,10 @@ def machine(device: torch.device | None = None) -> dict[str, object]:
     info.update(os=platform.platform(), python=platform.python_version(), torch=torch.__version__,
                 torch_threads=torch.get_num_threads(), numpy=np.__version__, kafka_python=kafka.__version__,
                 kafka_python_crc32c=crc32c_implementation())
+    if importlib.util.find_spec("confluent_kafka"):
+        import confluent_kafka
+
+        info.update(confluent_kafka=confluent_kafka.__version__, librdkafka=confluent_kafka.libversion()[0])
     if device is not None and device.type == "cuda":
         info.update(cuda=torch.version.cuda, device=torch.cuda.get_device_name(),
                     device_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
