@@ -32,7 +32,9 @@ from tests.conftest import (
 MONITORING = Path(__file__).parent.parent / "deploy" / "monitoring"
 RULES = MONITORING / "alerts.yaml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
-GOOD, BAD = 600, 60  # events sent: accepted, and malformed (dead-lettered)
+# Events sent: accepted, and malformed (dead-lettered). BAD is 3 % of all: StreamlstmRejectionRatioHigh
+# (5 %) must stay quiet however rate() extrapolates the short series (at 9 % it depended on scrape timing).
+GOOD, BAD = 600, 20
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset",
                 "bool", "inf", "nan"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -137,7 +139,7 @@ def scraped(tmp_path_factory, broker, model_dir) -> Iterator[Scraped]:
 
 
 def test_promtool_lints_the_real_exposition_after_traffic(scraped):
-    assert 'streamlstm_events_rejected_total{reason="not_json"} 60.0' in scraped.exposition
+    assert f'streamlstm_events_rejected_total{{reason="not_json"}} {BAD}.0' in scraped.exposition
     result = run_tool("promtool", "check", "metrics", stdin=scraped.exposition)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -180,7 +182,8 @@ def test_the_alerting_rules_evaluate_on_live_data_and_stay_quiet(scraped):
 
     wait_until(lambda: all(r["health"] == "ok" for r in rules()), 30, "every rule evaluated",
                lambda: json.dumps([r for r in rules() if r["health"] != "ok"], indent=1))
-    assert {r["name"] for r in rules()} and all(r["state"] == "inactive" for r in rules())
+    active = {r["name"]: r["state"] for r in rules() if r["state"] != "inactive"}
+    assert {r["name"] for r in rules()} and not active, active
 
 
 def metric_names(promql: str) -> set[str]:
