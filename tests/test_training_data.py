@@ -14,7 +14,8 @@ import pytest
 from conftest import produce, unique
 
 from streamlstm.config import KafkaConfig, TrainConfig
-from streamlstm.kafka_io import TopicError, ensure_topics
+from streamlstm.kafka_io import TopicError
+from streamlstm.topics import ensure_topics
 from streamlstm.training_data import (
     TrainingDataError,
     key_series,

@@ -20,7 +20,7 @@ from conftest import (
 )
 
 from streamlstm.config import KafkaConfig, load_config
-from streamlstm.kafka_io import ensure_topics
+from streamlstm.topics import ensure_topics
 from streamlstm.workers import worker_config
 
 KEYS, EVENTS = 300, 3000
