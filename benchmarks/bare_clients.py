@@ -2,9 +2,13 @@
 streamlstm imported): the relays that set the ceiling (kafka-python's, and confluent-kafka's for
 `kafka.client: confluent`), and the paced producer of live events (confluent-kafka, the lightest).
 
-    python benchmarks/bare_clients.py relay BOOTSTRAP SOURCE SINK GROUP COUNT
-    python benchmarks/bare_clients.py relay-confluent BOOTSTRAP SOURCE SINK GROUP COUNT
+    python benchmarks/bare_clients.py relay BOOTSTRAP SOURCE SINK GROUP COUNT [live]
+    python benchmarks/bare_clients.py relay-confluent BOOTSTRAP SOURCE SINK GROUP COUNT [live]
     python benchmarks/bare_clients.py paced BOOTSTRAP TOPIC COUNT KEYS SEED RATE
+
+`live`: the relay as a latency control. It prints "assigned" once it holds its partitions (so that the
+paced producer can start without a group join inside the measurement), and carries each input record's
+timestamp to its output in an `event_ts` header, as a prediction carries `event_ts`.
 """
 
 from __future__ import annotations
@@ -32,18 +36,23 @@ def event_values(count: int, keys: int, seed: int) -> list[tuple[bytes, bytes]]:
     return [(f"meter-{k:06d}".encode(), b'{"features":[%.4f,%.4f,%.4f]}' % tuple(row)) for k, row in zip(ids, x)]
 
 
-def relay(bootstrap: str, source: str, sink: str, group: str, count: int) -> None:
+def relay(bootstrap: str, source: str, sink: str, group: str, count: int, live: bool) -> None:
     """The ceiling: consume, produce the same bytes, flush and commit each checkpoint interval."""
     consumer = KafkaConsumer(source, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
                              auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1000,
                              max_poll_records=MAX_POLL_RECORDS, fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
     producer = KafkaProducer(bootstrap_servers=bootstrap, **PRODUCER_SETTINGS)
+    if live:
+        while not consumer.assignment():
+            consumer.poll(timeout_ms=POLL_TIMEOUT_MS)  # nothing is produced before "assigned"
+        print("assigned", flush=True)
     done, relayed = {}, 0
     next_commit = time.monotonic() + CHECKPOINT_INTERVAL_S
     while relayed < count:
         for tp, records in consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_POLL_RECORDS).items():
             for record in records:
-                producer.send(sink, key=record.key, value=record.value)
+                headers = [("event_ts", b"%d" % record.timestamp)] if live else None
+                producer.send(sink, key=record.key, value=record.value, headers=headers)
             done[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
             relayed += len(records)
         if time.monotonic() >= next_commit or relayed >= count:
@@ -54,7 +63,7 @@ def relay(bootstrap: str, source: str, sink: str, group: str, count: int) -> Non
     consumer.close()
 
 
-def relay_confluent(bootstrap: str, source: str, sink: str, group: str, count: int) -> None:
+def relay_confluent(bootstrap: str, source: str, sink: str, group: str, count: int, live: bool) -> None:
     """The same relay on confluent-kafka, with the same settings in librdkafka's names."""
     from confluent_kafka import Consumer, Producer, TopicPartition
 
@@ -67,12 +76,18 @@ def relay_confluent(bootstrap: str, source: str, sink: str, group: str, count: i
                          "linger.ms": s["linger_ms"], "batch.size": s["batch_size"],
                          "request.timeout.ms": s["request_timeout_ms"], "message.timeout.ms": s["delivery_timeout_ms"],
                          "partitioner": "murmur2_random"})
+    if live:
+        while not consumer.assignment():
+            consumer.consume(1, POLL_TIMEOUT_MS / 1000)  # nothing is produced before "assigned"
+        print("assigned", flush=True)
     done, relayed = {}, 0
     next_commit = time.monotonic() + CHECKPOINT_INTERVAL_S
     while relayed < count:
-        messages = consumer.consume(MAX_POLL_RECORDS, POLL_TIMEOUT_MS / 1000)
+        # What is there, else wait for one: consume(n, t) waits for all n, holding live events.
+        messages = consumer.consume(MAX_POLL_RECORDS, 0) or consumer.consume(1, POLL_TIMEOUT_MS / 1000)
         for m in messages:
-            producer.produce(sink, m.value(), m.key())
+            headers = [("event_ts", b"%d" % m.timestamp()[1])] if live else None
+            producer.produce(sink, m.value(), m.key(), headers=headers)
             done[m.partition()] = m.offset() + 1
         relayed += len(messages)
         producer.poll(0)
@@ -104,8 +119,8 @@ def paced(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]], rate: f
 def main(argv: list[str]) -> None:
     command, bootstrap, topic, *rest = argv
     if command in ("relay", "relay-confluent"):
-        sink, group, count = rest
-        (relay if command == "relay" else relay_confluent)(bootstrap, topic, sink, group, int(count))
+        sink, group, count, *live = rest
+        (relay if command == "relay" else relay_confluent)(bootstrap, topic, sink, group, int(count), live == ["live"])
     else:
         count, keys, seed, rate = rest
         paced(bootstrap, topic, event_values(int(count), int(keys), int(seed)), float(rate))

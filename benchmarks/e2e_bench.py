@@ -21,12 +21,15 @@ One run, one embedded broker (Tansu, memory storage, on the same machine):
      producer's send); "sent" is the prediction record's timestamp (the daemon's producer send, what
      the daemon's latency histogram measures); "received" is when the consumer here got it (after the
      broker acknowledged it).
+  5. control: on a fresh broker, the bare relay of the daemon's client, live, fed by the same paced
+     producer at the "low" and "half" rates, its latency measured the same way (the relay carries each
+     input timestamp in a header). What the relay cannot do, the machine and broker deny serve too.
 
 Events/s is the count of output records over the span of their timestamps (first to last), for relay
 and serve alike, so start-up and group joins are left out of both. Each run's outputs are counted
 exactly; a shortfall fails the run rather than reporting a speed.
 
-Run from the repository root (about 3 minutes on 2 cores):
+Run from the repository root (about 4 minutes on 2 cores):
 
     python benchmarks/e2e_bench.py
     python benchmarks/e2e_bench.py --events 20000 --keys 2000 --latency-seconds 5 --out /tmp/e2e.json
@@ -101,6 +104,13 @@ def produce_backlog(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]
 class Output(NamedTuple):
     timestamp: int  # ms: the record's CreateTime, set by the daemon's (or relay's) producer at send
     value: bytes
+    headers: list[tuple[str, bytes]] | None
+
+    def event_ts(self) -> int:
+        """The input record's timestamp: a prediction's `event_ts`, a live relay's `event_ts` header."""
+        if self.headers:
+            return int(dict(self.headers)["event_ts"])
+        return msgspec.json.decode(self.value)["event_ts"]
 
 
 class Outputs:
@@ -116,7 +126,7 @@ class Outputs:
         self.consumer.assign([Partition(topic, p, OFFSET_BEGINNING) for p in partitions])
 
     def _poll(self, most: int, timeout_s: float) -> list[Output]:
-        return [Output(m.timestamp()[1], m.value()) for m in consume_available(self.consumer, most, timeout_s)
+        return [Output(m.timestamp()[1], m.value(), m.headers()) for m in consume_available(self.consumer, most, timeout_s)
                 if m.error() is None]
 
     def read(self, count: int, on_batch=lambda records: None) -> list[Output]:
@@ -208,8 +218,9 @@ class Daemon:
             self.spy.wait(timeout=60)
 
 
-def bare_client(*args: object) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_clients.py")), *map(str, args)])
+def bare_client(*args: object, **popen: object) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_clients.py")), *map(str, args)],
+                            **popen)
 
 
 def latency(bootstrap: str, topic: str, outputs: Outputs, count: int, keys: int, seed: int,
@@ -220,7 +231,7 @@ def latency(bootstrap: str, topic: str, outputs: Outputs, count: int, keys: int,
     def record(batch: list) -> None:
         now_ms = time.time() * 1000
         for r in batch:
-            event_ts = msgspec.json.decode(r.value)["event_ts"]
+            event_ts = r.event_ts()
             sent.append(r.timestamp - event_ts)
             received.append(now_ms - event_ts)
 
@@ -233,6 +244,29 @@ def latency(bootstrap: str, topic: str, outputs: Outputs, count: int, keys: int,
         figures.update({f"{name}_p50_ms": round(float(p50), 1), f"{name}_p99_ms": round(float(p99), 1),
                         f"{name}_max_ms": round(float(max(values)), 1)})
     return figures
+
+
+def relay_latency(bootstrap: str, partitions: int, relay: str, keys: int, phases: list[tuple[str, float]],
+                  seconds: float) -> dict[str, object]:
+    """The control: the bare relay of the daemon's client, live, at the rates serve was measured at.
+    Whatever latency it shows, the machine and broker impose on serve too."""
+    source, sink = "events", "relayed"
+    ensure_topics(KafkaConfig(bootstrap_servers=bootstrap, input_topic=source, output_topic=sink,
+                              topic_partitions=partitions))
+    counts = [int(rate * seconds) for _, rate in phases]
+    proc = bare_client(relay, bootstrap, source, sink, f"bench-{relay}-live", sum(counts), "live",
+                       stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "assigned":
+        raise SystemExit(f"the live {relay} exited with {proc.wait()} before joining its group")
+    outputs = Outputs(bootstrap, sink)
+    report: dict[str, object] = {"relay": relay}
+    for (name, rate), count in zip(phases, counts):
+        report[name] = r = latency(bootstrap, source, outputs, count, keys, len(name), rate)
+        print(f"control: {relay} at {name} ({rate:.0f}/s): sent p50 {r['sent_p50_ms']} ms p99 {r['sent_p99_ms']} ms",
+              flush=True)
+    proc.wait()
+    outputs.close()
+    return report
 
 
 def parse_args() -> argparse.Namespace:
@@ -270,43 +304,50 @@ def main() -> None:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "broker": BROKER, "parameters": {k: v for k, v in vars(args).items() if k not in ("out", "profile")}}
     backlog = event_values(args.events, args.keys, seed=1)
-    with tempfile.TemporaryDirectory() as tmp_dir, EmbeddedBroker(log_file=Path(tmp_dir) / "tansu.log") as broker:
-        tmp, bootstrap = Path(tmp_dir), broker.bootstrap
-        kafka = KafkaConfig(bootstrap_servers=bootstrap, input_topic=topics["input"], output_topic=topics["serve"],
-                            dlq_topic=topics["dlq"], topic_partitions=args.partitions)
-        ensure_topics(kafka)
-        for relay in RELAYS:
-            ensure_topics(replace(kafka, output_topic=topics[relay]))
-        produce_backlog(bootstrap, topics["input"], backlog)
-        print(f"{args.events} events over {args.keys} keys in {args.partitions} partitions", flush=True)
-
-        for relay in RELAYS:
-            bare_client(relay, bootstrap, topics["input"], topics[relay], f"bench-{relay}", args.events).wait()
-            relayed = Outputs(bootstrap, topics[relay])
-            report[relay] = events_per_second(relayed.read(args.events))
-            relayed.close()
-            print(f"{relay}: {report[relay]['events_per_s']:.0f} events/s", flush=True)
-
-        model = make_model(tmp / "model", args.hidden, args.layers)
-        daemon = Daemon(tmp, bootstrap, topics, model, args.set, args.profile)
-        try:
-            daemon.wait_predictions(args.events)
-            outputs = Outputs(bootstrap, topics["serve"])
-            report["serve"] = events_per_second(outputs.read(args.events))
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        with EmbeddedBroker(log_file=tmp / "tansu.log") as broker:
+            bootstrap = broker.bootstrap
+            kafka = KafkaConfig(bootstrap_servers=bootstrap, input_topic=topics["input"], output_topic=topics["serve"],
+                                dlq_topic=topics["dlq"], topic_partitions=args.partitions)
+            ensure_topics(kafka)
             for relay in RELAYS:
-                ratio = report[f"ratio_to_{relay}"] = round(report["serve"]["events_per_s"] / report[relay]["events_per_s"], 3)
-                print(f"serve: {report['serve']['events_per_s']:.0f} events/s = {ratio:.2f} x {relay}", flush=True)
-            full = report["serve"]["events_per_s"]
-            phases = (("low_rate", LOW_RATE), ("half_rate", full / 2), ("full_rate", full))
-            for name, rate in phases if args.latency_seconds else ():
-                report[name] = r = latency(bootstrap, topics["input"], outputs, int(rate * args.latency_seconds),
-                                           args.keys, len(name), rate)
-                print(f"latency at {name} ({rate:.0f}/s): sent p50 {r['sent_p50_ms']} ms p99 {r['sent_p99_ms']} ms; "
-                      f"received p50 {r['received_p50_ms']} ms p99 {r['received_p99_ms']} ms", flush=True)
-            outputs.close()
-            report["daemon"] = daemon_figures(scrape(daemon.port))
-        finally:
-            daemon.stop()
+                ensure_topics(replace(kafka, output_topic=topics[relay]))
+            produce_backlog(bootstrap, topics["input"], backlog)
+            print(f"{args.events} events over {args.keys} keys in {args.partitions} partitions", flush=True)
+
+            for relay in RELAYS:
+                bare_client(relay, bootstrap, topics["input"], topics[relay], f"bench-{relay}", args.events).wait()
+                relayed = Outputs(bootstrap, topics[relay])
+                report[relay] = events_per_second(relayed.read(args.events))
+                relayed.close()
+                print(f"{relay}: {report[relay]['events_per_s']:.0f} events/s", flush=True)
+
+            model = make_model(tmp / "model", args.hidden, args.layers)
+            daemon = Daemon(tmp, bootstrap, topics, model, args.set, args.profile)
+            try:
+                daemon.wait_predictions(args.events)
+                outputs = Outputs(bootstrap, topics["serve"])
+                report["serve"] = events_per_second(outputs.read(args.events))
+                for relay in RELAYS:
+                    ratio = report[f"ratio_to_{relay}"] = round(report["serve"]["events_per_s"] / report[relay]["events_per_s"], 3)
+                    print(f"serve: {report['serve']['events_per_s']:.0f} events/s = {ratio:.2f} x {relay}", flush=True)
+                full = report["serve"]["events_per_s"]
+                phases = [("low_rate", LOW_RATE), ("half_rate", full / 2), ("full_rate", full)]
+                for name, rate in phases if args.latency_seconds else ():
+                    report[name] = r = latency(bootstrap, topics["input"], outputs, int(rate * args.latency_seconds),
+                                               args.keys, len(name), rate)
+                    print(f"latency at {name} ({rate:.0f}/s): sent p50 {r['sent_p50_ms']} ms p99 {r['sent_p99_ms']} ms; "
+                          f"received p50 {r['received_p50_ms']} ms p99 {r['received_p99_ms']} ms", flush=True)
+                outputs.close()
+                report["daemon"] = daemon_figures(scrape(daemon.port))
+            finally:
+                daemon.stop()
+        if args.latency_seconds:  # on a fresh broker: none of the data the runs above left in its memory
+            control = "relay-confluent" if "kafka.client=confluent" in args.set else "relay"
+            with EmbeddedBroker(log_file=tmp / "tansu-control.log") as broker:
+                report["control"] = relay_latency(broker.bootstrap, args.partitions, control, args.keys, phases[:2],
+                                                  args.latency_seconds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {args.out}")
