@@ -24,7 +24,7 @@ from kafka.structs import OffsetAndMetadata
 # repeated rather than imported so that this process stays as light as a user's own relay would be.
 PRODUCER_SETTINGS = {"acks": "all", "linger_ms": 5, "batch_size": 256 * 1024, "max_block_ms": 5000,
                      "request_timeout_ms": 10000, "delivery_timeout_ms": 20000}
-MAX_POLL_RECORDS, POLL_TIMEOUT_MS, FETCH_MAX_WAIT_MS, CHECKPOINT_INTERVAL_S = 2000, 100, 20, 1.0
+MAX_POLL_RECORDS, POLL_TIMEOUT_MS, FETCH_MAX_WAIT_MS, CHECKPOINT_INTERVAL_S = 2000, 100, 20, 5.0
 FEATURE_MEAN, FEATURE_STD = (10.0, 20.0, 12.0), (3.0, 5.0, 7.0)
 
 

@@ -74,7 +74,7 @@ class EventsConfig:
 
 @dataclass(frozen=True)
 class StateConfig:
-    checkpoint_interval_ms: int = 1000
+    checkpoint_interval_ms: int = 5000
     changelog_topic: str = ""
     ttl_seconds: float = 604800.0
     ttl_clock: str = "processing_time"
