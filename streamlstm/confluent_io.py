@@ -39,6 +39,7 @@ from .kafka_io import (
 
 CALL_TIMEOUT_S = CONSUMER_CALL_TIMEOUT_MS / 1000
 MAX_BLOCK_S = PRODUCER_SETTINGS["max_block_ms"] / 1000  # a full local queue waits this long, as kafka-python's send
+UNASSIGNED = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the partitioner picks
 
 
 def confluent_settings(cfg: KafkaConfig) -> dict[str, object]:
@@ -56,13 +57,17 @@ def confluent_settings(cfg: KafkaConfig) -> dict[str, object]:
     return settings
 
 
+def _kafka_error(exc: KafkaException) -> KafkaError:
+    """The daemon handles kafka-python's KafkaError (a broker away: back off, retry); so do we."""
+    return KafkaError(str(exc.args[0] if exc.args else exc))
+
+
 @contextmanager
 def _kafka_errors() -> Iterator[None]:
-    """The daemon handles kafka-python's KafkaError (a broker away: back off, retry); so do we."""
     try:
         yield
     except KafkaException as exc:
-        raise KafkaError(str(exc.args[0] if exc.args else exc)) from exc
+        raise _kafka_error(exc) from exc
 
 
 def consume_available(consumer: Consumer, most: int, timeout_s: float) -> list[Message]:
@@ -152,18 +157,19 @@ class ConfluentIO(KafkaIO):
     def _produce(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
                  headers: list[tuple[str, bytes]] | None) -> None:
         on_delivery = self._delivered.get(source) or self._delivered.setdefault(source, partial(self._report, source))
-        extra = {} if partition is None else {"partition": partition}
+        partition = UNASSIGNED if partition is None else partition
         deadline = None
-        while True:
+        while True:  # once per record: plain try/except, no context manager
             try:
-                with _kafka_errors():
-                    self.producer.produce(topic, value, key, on_delivery=on_delivery, headers=headers, **extra)
+                self.producer.produce(topic, value, key, partition, on_delivery=on_delivery, headers=headers)
                 return
             except BufferError:  # the local queue is full: wait for deliveries to make room
                 deadline = deadline or time.monotonic() + MAX_BLOCK_S
                 if time.monotonic() > deadline:
                     raise KafkaError(f"producer queue still full after {MAX_BLOCK_S:.0f} s") from None
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                raise _kafka_error(exc) from exc
 
     def _report(self, source: int, error: object, message: Message) -> None:
         if error is not None:

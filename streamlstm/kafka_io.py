@@ -220,9 +220,10 @@ class KafkaIO:
         self._send(partition, topic, key=key, value=value, partition=partition, headers=headers)
 
     def mark_done(self, records: list[Record]) -> None:
-        """Records whose outputs have been sent (not yet acknowledged)."""
-        for record in records:
-            self._done[TopicPartition(record.topic, record.partition)] = record.offset + 1
+        """Records whose outputs have been sent (not yet acknowledged): a partition's last one counts."""
+        last = {(record.topic, record.partition): record.offset for record in records}
+        for (topic, partition), offset in last.items():
+            self._done[TopicPartition(topic, partition)] = offset + 1
 
     def done(self, tp: TopicPartition) -> int | None:
         """The next offset to process on a partition, as far as this consumer has got."""
