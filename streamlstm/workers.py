@@ -6,7 +6,8 @@ spawned, not forked (torch and CUDA are not fork-safe), and serve their own endp
 The supervisor answers http.port for the pod: /metrics adds up the workers' values (prometheus-client's
 multiprocess mode; process_* metrics describe one process, so they stay on each worker's own port: use
 the container's metrics for the pod), /healthz and /readyz ask every worker. A worker that dies ends the
-pod with exit code 1, so Kubernetes restarts it whole; SIGTERM stops every worker cleanly.
+pod with exit code 1, so Kubernetes restarts it whole; SIGTERM stops every worker cleanly, and so does
+the supervisor's own death.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def work(cfg: Config, index: int, port_to: Connection) -> None:
     configure_logging(cfg.log.level, f"worker-{index} ")
     stopped = threading.Event()
     on_stop_signals(stopped.set)  # a stop while the model loads still counts
+    threading.Thread(target=stop_with_supervisor, name="supervisor-watch", daemon=True).start()
     daemon = Daemon(cfg)
     port_to.send(daemon.http.port)  # bound in Daemon(): known before run()
     port_to.close()
@@ -119,6 +121,15 @@ def work(cfg: Config, index: int, port_to: Connection) -> None:
     if stopped.is_set():
         daemon.stop()
     daemon.run()
+
+
+def stop_with_supervisor() -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) cannot stop its workers; left running they
+    would serve on as orphans beside the supervisor's replacement. Each worker watches its parent and, once
+    it is gone, stops itself as on SIGTERM: a last checkpoint, then it leaves the group."""
+    wait([multiprocessing.parent_process().sentinel])
+    log.error("the supervisor (pid %d) is gone; stopping", multiprocessing.parent_process().pid)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def ask(port: int, path: str) -> tuple[int, str]:

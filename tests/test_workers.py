@@ -17,6 +17,7 @@ from conftest import (
     metric,
     offline_predictions,
     produce,
+    wait_until,
 )
 
 from streamlstm.config import KafkaConfig, load_config
@@ -24,6 +25,14 @@ from streamlstm.topics import ensure_topics
 from streamlstm.workers import worker_config
 
 KEYS, EVENTS = 300, 3000
+
+
+def running(pid: int) -> bool:
+    """Alive: neither gone nor a zombie waiting to be reaped (an orphan's new parent may not reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def workers_of(pid: int) -> list[int]:
@@ -89,3 +98,16 @@ def test_a_worker_that_dies_ends_the_pod_with_an_error(daemon_factory):
     log = daemon.log()
     assert re.search(rf"worker \d \(pid {workers[1]}\) exited unexpectedly with code -9", log), log
     assert "streamlstm.daemon: stopped" in log and not Path(f"/proc/{workers[0]}").exists()  # the other, cleanly
+
+
+def test_workers_stop_cleanly_when_their_supervisor_is_killed(daemon_factory):
+    """SIGKILL to the supervisor (or the OOM killer): no orphan keeps consuming beside its replacement."""
+    daemon = daemon_factory(serve__workers=2).start()
+    workers = workers_of(daemon.proc.pid)
+    assert len(workers) == 2
+    daemon.proc.kill()
+    daemon.proc.wait()
+    wait_until(lambda: not any(map(running, workers)), 30, "the workers to exit", daemon.log)
+    log = daemon.log()
+    assert log.count(f"the supervisor (pid {daemon.proc.pid}) is gone; stopping") == 2, log
+    assert log.count("streamlstm.daemon: stopped") == 2 and "Traceback" not in log, log  # a last checkpoint each
