@@ -23,7 +23,14 @@ from kafka.errors import KafkaError
 from .artifact import Artifact, ArtifactError, load_artifact, newest_artifact
 from .checkpoint import Checkpointer, Outcome
 from .config import Config
-from .events import Event, EventDecoder, Rejection, encode_record, prediction_record
+from .events import (
+    REASONS,
+    Event,
+    EventDecoder,
+    Rejection,
+    encode_record,
+    prediction_record,
+)
 from .http_server import HttpServer
 from .kafka_io import (
     ChangelogReader,
@@ -79,7 +86,8 @@ class Plan:
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.metrics = Metrics()
+        self.changelog_topic = cfg.state.changelog_for(cfg.kafka)
+        self.metrics = Metrics(REASONS, (cfg.kafka.output_topic, cfg.kafka.dlq_topic, self.changelog_topic))
         self._stop = threading.Event()
         self._last_poll = time.monotonic()
         torch.set_num_threads(cfg.model.cpu_threads)
@@ -87,7 +95,6 @@ class Daemon:
         artifact = load_artifact(newest_artifact(cfg.model.path), self.device)
         self.watcher = ModelWatcher(cfg.model.path, artifact.path, self.device, cfg.model.reload_interval_s)
         self._serve(artifact, StreamingPredictor(artifact, self.device))
-        self.changelog_topic = cfg.state.changelog_for(cfg.kafka)
         self.ttl_ms = int(cfg.state.ttl_seconds * 1000)
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.exposition, self.healthy, self.ready)
         self.restorer: Restorer | None = None

@@ -9,6 +9,7 @@ process ignores. The names are the same in both modes, so dashboards and alerts 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -22,6 +23,9 @@ BATCH_BUCKETS = tuple(float(2**k) for k in range(18))  # 1 .. 131072 keys per st
 SIZE_BUCKETS = tuple(float(4**k) for k in range(5, 16))  # 1 KiB .. 1 GiB
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 MODEL_LABELS = ("device", "hidden_size", "num_layers", "task", "version")  # in the order an Info writes them
+DROP_REASONS = ("end", "reset", "expired")
+SKIP_REASONS = ("beyond_cut", "incompatible", "unreadable")
+RELOAD_RESULTS = ("swapped", "failed")
 
 
 def multiprocess() -> bool:
@@ -57,7 +61,8 @@ class ModelInfo(ClearableGauge):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, rejection_reasons: Iterable[str] = (), output_topics: Iterable[str] = ()) -> None:
+        """`rejection_reasons` and `output_topics`: the label values the labelled counters start with, at 0."""
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)
         self.events_consumed = Counter("streamlstm_events_consumed_total", "Events read from the input topic.",
@@ -129,6 +134,18 @@ class Metrics:
         self.reloads = Counter("streamlstm_model_reloads_total",
                                "Newer artifacts found under model.path: swapped (now serving) or failed (not "
                                "loadable; the previous model keeps serving).", ["result"], registry=r)
+        self._start_at_zero(rejection_reasons, output_topics)
+
+    def _start_at_zero(self, rejection_reasons: Iterable[str], output_topics: Iterable[str]) -> None:
+        """Every labelled counter's series exists from the start, at 0, as Prometheus' instrumentation
+        advice asks: a series born at 1 has no increase to show, so rate() and increase() would miss the
+        first rejection or delivery failure (and the DeliveryFailures alert a single one), and dashboards
+        would say "no data" where the answer is 0."""
+        for counter, values in ((self.rejected, rejection_reasons), (self.dropped_keys, DROP_REASONS),
+                                (self.restore_skipped, SKIP_REASONS), (self.reloads, RELOAD_RESULTS),
+                                (self.delivery_failures, output_topics)):
+            for value in values:
+                counter.labels(value)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from streamlstm.metrics import LATENCY_BUCKETS, observe_many
+from streamlstm.events import REASONS
+from streamlstm.metrics import (
+    DROP_REASONS,
+    LATENCY_BUCKETS,
+    RELOAD_RESULTS,
+    SKIP_REASONS,
+    Metrics,
+    observe_many,
+)
 
 
 def samples(histogram: Histogram) -> dict[tuple[str, str], float]:
@@ -27,3 +35,16 @@ def test_observe_many_counts_as_observing_each_value() -> None:
     total = ("one_sum", "")
     assert got.pop(total) == pytest.approx(expected.pop(total))
     assert got == expected  # every bucket and the count; values on a bound count in that bound's bucket
+
+
+def test_every_labelled_counter_starts_at_zero_for_every_label_value() -> None:
+    """Born at 1, a series shows no increase: increase() > 0 alerts would miss a single failure."""
+    metrics = Metrics(REASONS, ("predictions", "events-dlq", "changelog"))
+    values = {(s.name, tuple(s.labels.values())): s.value for family in metrics.registry.collect()
+              for s in family.samples if s.name.endswith("_total")}
+    expected = {("streamlstm_events_rejected_total", REASONS), ("streamlstm_keys_dropped_total", DROP_REASONS),
+                ("streamlstm_restore_skipped_records_total", SKIP_REASONS),
+                ("streamlstm_model_reloads_total", RELOAD_RESULTS),
+                ("streamlstm_delivery_failures_total", ("predictions", "events-dlq", "changelog"))}
+    for name, labels in expected:
+        assert all(values[(name, (label,))] == 0 for label in labels), name
