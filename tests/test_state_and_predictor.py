@@ -64,9 +64,22 @@ def test_keys_idle_past_their_shards_cutoff_expire_with_a_tombstone_at_their_las
 
 
 def test_a_key_repeated_in_a_poll_advances_once_per_step_in_order():
-    rounds = step_rounds(["a", "b", "a", "c", "a", "b"])
+    rows = np.array([7, 2, 7, 9, 7, 2])  # the table rows of keys a, b, a, c, a, b
+    rounds = step_rounds(rows)
     assert [r.tolist() for r in rounds] == [[0, 1, 3], [2, 5], [4]]
-    assert all(len(set(np.array(["a", "b", "a", "c", "a", "b"])[r])) == len(r) for r in rounds)
+    assert [r.tolist() for r in step_rounds(np.array([4, 1, 3]))] == [[0, 1, 2]]  # all distinct: one step
+
+
+def test_step_rounds_put_each_rows_events_in_successive_steps_in_order():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        rows = rng.integers(0, rng.integers(1, 12), rng.integers(1, 40))
+        rounds = step_rounds(rows)
+        assert sorted(np.concatenate(rounds).tolist()) == list(range(len(rows)))  # every event once
+        assert all(len(set(rows[r].tolist())) == len(r) and (np.diff(r) > 0).all() for r in rounds)
+        for row in set(rows.tolist()):  # a row's k-th event is in step k
+            mine = [int(r[rows[r] == row][0]) for r in rounds if (rows[r] == row).any()]
+            assert mine == np.flatnonzero(rows == row).tolist()
 
 
 def test_streaming_in_random_polls_equals_offline_whole_sequences_with_resets(model_dir):
