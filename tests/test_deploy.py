@@ -164,17 +164,21 @@ def test_service_pdb_and_podmonitor_select_the_daemon_pods_by_its_metrics_port(r
         "serviceAccountName"]
 
 
-def test_keda_scales_on_the_groups_lag_up_to_the_partition_count(rendered):
-    objects = rendered["cpu"]
+@pytest.mark.parametrize("tree", ["cpu", "gpu"])
+def test_keda_scales_on_the_groups_lag_up_to_the_partition_count(rendered, tree):
+    """Every worker of every pod is a consumer: more of them than partitions would sit idle."""
+    objects = rendered[tree]
     deployment = one(objects, "Deployment")
     assert "replicas" not in deployment["spec"]  # KEDA owns the count
     scaled = one(objects, "ScaledObject")
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    cfg = load_config(ROOT / "config" / "streamlstm.yaml", environ=env_of(deployment["spec"]["template"]["spec"][
-        "containers"][0]))
-    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= cfg.kafka.topic_partitions
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    cfg = load_config(ROOT / "config" / "streamlstm.yaml", environ=env_of(container))
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    assert spec["maxReplicaCount"] * cfg.serve.workers <= cfg.kafka.topic_partitions
+    assert float(container["resources"]["requests"]["cpu"]) >= cfg.serve.workers  # a core per worker
     (trigger,) = spec["triggers"]
     meta = trigger["metadata"]
     assert trigger["type"] == "kafka" and int(meta["lagThreshold"]) > 0
