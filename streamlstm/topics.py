@@ -1,5 +1,8 @@
 """Topic administration: create the daemon's topics where missing, and check the state changelog's shape.
 
+Topics are created with the cluster's default replication factor (`default.replication.factor`; a
+request for -1, as Kafka Streams' internal topics since Kafka 3.0): 1 on a development broker, what the
+operators chose on a production cluster — never a single copy of the keys' state there by accident.
 Kafka only (kafka-python's admin client, whichever client the daemon consumes with).
 """
 
@@ -8,7 +11,6 @@ from __future__ import annotations
 import logging
 
 from kafka import KafkaAdminClient
-from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from .config import KafkaConfig
@@ -22,17 +24,22 @@ def _admin(cfg: KafkaConfig) -> KafkaAdminClient:
                             **client_settings(cfg))
 
 
+def _create(admin: KafkaAdminClient, topic: str, partitions: int, configs: dict[str, str] | None = None) -> None:
+    """Create a topic (with the broker's default replication factor); one created meanwhile is fine."""
+    try:
+        admin.create_topics({topic: {"num_partitions": partitions, "replication_factor": -1, "configs": configs or {}}})
+        log.info("created topic %s with %d partitions", topic, partitions)
+    except TopicAlreadyExistsError:
+        pass
+
+
 def ensure_topics(cfg: KafkaConfig) -> None:
     """Create the input, output and dead-letter topics where missing."""
     admin = _admin(cfg)
     try:
         missing = {cfg.input_topic, cfg.output_topic, cfg.dlq_topic} - set(admin.list_topics())
         for topic in sorted(missing):
-            try:
-                admin.create_topics([NewTopic(topic, cfg.topic_partitions, 1)])
-                log.info("created topic %s with %d partitions", topic, cfg.topic_partitions)
-            except TopicAlreadyExistsError:
-                pass
+            _create(admin, topic, cfg.topic_partitions)
     finally:
         admin.close()
 
@@ -52,11 +59,7 @@ def ensure_changelog(cfg: KafkaConfig, changelog: str) -> int:
                              "kafka.create_topics: true")
         partitions = counts[cfg.input_topic]
         if changelog not in counts:
-            try:
-                admin.create_topics([NewTopic(changelog, partitions, 1, topic_configs={"cleanup.policy": "compact"})])
-                log.info("created changelog topic %s with %d partitions", changelog, partitions)
-            except TopicAlreadyExistsError:
-                pass
+            _create(admin, changelog, partitions, {"cleanup.policy": "compact"})
         elif counts[changelog] != partitions:
             raise TopicError(f"changelog topic {changelog!r} has {counts[changelog]} partitions but input topic "
                              f"{cfg.input_topic!r} has {partitions}; they must match (state follows the input "
