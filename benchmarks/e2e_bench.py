@@ -25,11 +25,16 @@ One run, one embedded broker (Tansu, memory storage, on the same machine):
      producer at the "low" and "half" rates, its latency measured the same way (the relay carries each
      input timestamp in a header). What the relay cannot do, the machine and broker deny serve too.
 
+Steps 2 and 3 run `--repeat` (3) times, interleaved (relays, serve, relays, serve, ...), each run a
+consumer group and an output topic of its own on the same backlog; the report gives every round and the
+medians, the ratios being the median of each round's own ratio, so that a slow spell of a shared
+machine falls on both sides of a ratio. The last round's daemon goes on to step 4.
+
 Events/s is the count of output records over the span of their timestamps (first to last), for relay
 and serve alike, so start-up and group joins are left out of both. Each run's outputs are counted
 exactly; a shortfall fails the run rather than reporting a speed.
 
-Run from the repository root (about 4 minutes on 2 cores):
+Run from the repository root (about 5 minutes on 2 cores):
 
     python benchmarks/e2e_bench.py
     python benchmarks/e2e_bench.py --events 20000 --keys 2000 --latency-seconds 5 --out /tmp/e2e.json
@@ -179,17 +184,18 @@ def daemon_figures(text: str) -> dict[str, float]:
 class Daemon:
     """`streamlstm serve` in a subprocess on the benchmark's topics."""
 
-    def __init__(self, tmp: Path, bootstrap: str, topics: dict[str, str], model: Path, overrides: list[str],
-                 profile: Path | None) -> None:
+    def __init__(self, tmp: Path, bootstrap: str, topics: dict[str, str], name: str, model: Path,
+                 overrides: list[str], profile: Path | None) -> None:
+        """`name`: its consumer group (so its own offsets and state changelog) and files."""
         self.port = free_port()
         config = {"kafka": {"bootstrap_servers": bootstrap, "input_topic": topics["input"],
-                            "output_topic": topics["serve"], "dlq_topic": topics["dlq"], "group_id": "bench-serve",
+                            "output_topic": topics["serve"], "dlq_topic": topics["dlq"], "group_id": name,
                             "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
                   "model": {"path": str(model)}, "http": {"host": "127.0.0.1", "port": self.port},
                   "log": {"level": "WARNING"}}
-        path = tmp / "serve.yaml"
+        path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
-        self.log = tmp / "serve.log"
+        self.log = tmp / f"{name}.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "streamlstm", "serve", "--config", str(path),
                                       *(f"--set={o}" for o in overrides)],
                                      stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
@@ -276,12 +282,52 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--hidden", type=int, default=DEFAULTS.train.hidden_size, help="default: what `train` makes")
     p.add_argument("--layers", type=int, default=DEFAULTS.train.num_layers)
+    p.add_argument("--repeat", type=int, default=3, help="interleaved relay/serve rounds; medians are reported")
     p.add_argument("--latency-seconds", type=float, default=20.0)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a daemon setting, as `streamlstm serve --set` takes it (e.g. model.device=cuda)")
     p.add_argument("--profile", type=Path, help="run the daemon under py-spy, writing collapsed stacks here")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/e2e_cpu.json"))
     return p.parse_args()
+
+
+def throughput_round(bootstrap: str, kafka: KafkaConfig, topics: dict[str, str], tmp: Path, model: Path,
+                     args: argparse.Namespace, index: int, profile: Path | None) -> tuple[dict, Daemon, Outputs]:
+    """One round: each relay, then serve, on the whole backlog, each with a group and an output topic of
+    its own; serve keeps running (the caller stops it). The rounds interleave, so a slow spell of the
+    machine hits relay and serve alike rather than one of them."""
+    figures: dict[str, object] = {}
+    for relay in RELAYS:
+        sink = f"{topics[relay]}-{index}"
+        ensure_topics(replace(kafka, output_topic=sink))
+        bare_client(relay, bootstrap, topics["input"], sink, f"bench-{relay}-{index}", args.events).wait()
+        relayed = Outputs(bootstrap, sink)
+        figures[relay] = events_per_second(relayed.read(args.events))
+        relayed.close()
+    ours = dict(topics, serve=f"{topics['serve']}-{index}")
+    ensure_topics(replace(kafka, output_topic=ours["serve"]))
+    daemon = Daemon(tmp, bootstrap, ours, f"bench-serve-{index}", model, args.set, profile)
+    try:
+        daemon.wait_predictions(args.events)
+        outputs = Outputs(bootstrap, ours["serve"])
+        figures["serve"] = events_per_second(outputs.read(args.events))
+    except BaseException:
+        daemon.stop()
+        raise
+    for relay in RELAYS:
+        figures[f"ratio_to_{relay}"] = round(figures["serve"]["events_per_s"] / figures[relay]["events_per_s"], 3)
+    print(f"round {index + 1}: " + ", ".join(f"{k} {v['events_per_s']:.0f}/s" for k, v in figures.items()
+                                             if isinstance(v, dict))
+          + f"; serve = {figures['ratio_to_relay']:.2f} x relay", flush=True)
+    return figures, daemon, outputs
+
+
+def medians(rounds: list[dict]) -> dict[str, float]:
+    """Each figure's median over the rounds; the ratios are the medians of each round's own ratio."""
+    out = {f"{name}_events_per_s": float(np.median([r[name]["events_per_s"] for r in rounds]))
+           for name in (*RELAYS, "serve")}
+    out |= {f"ratio_to_{relay}": float(np.median([r[f"ratio_to_{relay}"] for r in rounds])) for relay in RELAYS}
+    return out
 
 
 def check_relay_settings() -> None:
@@ -311,28 +357,25 @@ def main() -> None:
             kafka = KafkaConfig(bootstrap_servers=bootstrap, input_topic=topics["input"], output_topic=topics["serve"],
                                 dlq_topic=topics["dlq"], topic_partitions=args.partitions)
             ensure_topics(kafka)
-            for relay in RELAYS:
-                ensure_topics(replace(kafka, output_topic=topics[relay]))
             produce_backlog(bootstrap, topics["input"], backlog)
             print(f"{args.events} events over {args.keys} keys in {args.partitions} partitions", flush=True)
 
-            for relay in RELAYS:
-                bare_client(relay, bootstrap, topics["input"], topics[relay], f"bench-{relay}", args.events).wait()
-                relayed = Outputs(bootstrap, topics[relay])
-                report[relay] = events_per_second(relayed.read(args.events))
-                relayed.close()
-                print(f"{relay}: {report[relay]['events_per_s']:.0f} events/s", flush=True)
-
             model = make_model(tmp / "model", args.hidden, args.layers)
-            daemon = Daemon(tmp, bootstrap, topics, model, args.set, args.profile)
+            report["rounds"] = []
+            for index in range(args.repeat):
+                last = index == args.repeat - 1
+                figures, daemon, outputs = throughput_round(bootstrap, kafka, topics, tmp, model, args, index,
+                                                            args.profile if last else None)
+                report["rounds"].append(figures)
+                if not last:
+                    outputs.close()
+                    daemon.stop()
+            report["median"] = summary = medians(report["rounds"])
+            for relay in RELAYS:
+                print(f"median of {args.repeat}: serve {summary['serve_events_per_s']:.0f} events/s = "
+                      f"{summary[f'ratio_to_{relay}']:.2f} x {relay}", flush=True)
             try:
-                daemon.wait_predictions(args.events)
-                outputs = Outputs(bootstrap, topics["serve"])
-                report["serve"] = events_per_second(outputs.read(args.events))
-                for relay in RELAYS:
-                    ratio = report[f"ratio_to_{relay}"] = round(report["serve"]["events_per_s"] / report[relay]["events_per_s"], 3)
-                    print(f"serve: {report['serve']['events_per_s']:.0f} events/s = {ratio:.2f} x {relay}", flush=True)
-                full = report["serve"]["events_per_s"]
+                full = summary["serve_events_per_s"]
                 phases = [("low_rate", LOW_RATE), ("half_rate", full / 2), ("full_rate", full)]
                 for name, rate in phases if args.latency_seconds else ():
                     report[name] = r = latency(bootstrap, topics["input"], outputs, int(rate * args.latency_seconds),
