@@ -155,6 +155,10 @@ class Daemon:
                                          self.predictor.version)
         log.info("consuming %s as group %s from %s; state in %s", kafka.input_topic, kafka.group_id,
                  kafka.bootstrap_servers, self.changelog_topic)
+        if kafka.processing_guarantee == "exactly_once":
+            log.info("exactly_once: read_committed consumers see the outputs once per checkpoint, every %d ms "
+                     "(state.checkpoint_interval_ms; Kafka Streams uses 100 ms under exactly-once)",
+                     self.cfg.state.checkpoint_interval_ms)
         # Start-up leaves a few hundred thousand long-lived objects (torch, the model, the clients) that
         # every full garbage collection would walk again; the per-event garbage made those collections
         # cost a third of the events/s (docs/benchmarks.md). Frozen, they are never walked.
