@@ -1,0 +1,49 @@
+"""The benchmarks still run: each script, at a tiny size, writes its report with the command, the
+machine and figures that make sense. Speed is measured by running them in full (docs/benchmarks.md);
+this only keeps them from rotting between those runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def run_benchmark(script: str, out: Path, *args: str) -> dict:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert script in report["command"] and report["machine"]["cores"] >= 1 and report["machine"]["torch"]
+    return report
+
+
+def test_end_to_end_reports_relays_serve_latency_and_the_control(tmp_path):
+    report = run_benchmark("e2e_bench.py", tmp_path / "e2e.json", "--events", "2000", "--keys", "200",
+                           "--repeat", "2", "--latency-seconds", "1")
+    assert len(report["rounds"]) == 2
+    for figures in report["rounds"]:  # every output record counted exactly, or the run fails
+        assert {figures[name]["events"] for name in ("relay", "relay-confluent", "serve")} == {2000}
+        assert figures["ratio_to_relay"] > 0
+    assert report["median"]["serve_events_per_s"] > 0
+    for phase in ("low_rate", "half_rate", "full_rate", "daemon"):
+        assert phase in report
+    assert report["control"]["relay"] == "relay"
+    assert report["control"]["half_rate"]["rate_per_s"] == report["half_rate"]["rate_per_s"]
+    assert 0 < report["control"]["low_rate"]["sent_p50_ms"] <= report["control"]["low_rate"]["sent_p99_ms"]
+
+
+def test_step_kernel_reports_the_loop_and_the_batched_step(tmp_path):
+    report = run_benchmark("step_bench.py", tmp_path / "step.json", "--hidden", "16", "--layers", "1",
+                           "--batch", "1", "64", "--per-event", "200", "--budget", "0.2")
+    rows = {row["batch"]: row for row in report["results"]}
+    assert set(rows) == {1, 64} and all(row["per_event"] > 0 and row["advance"] > 0 for row in rows.values())
+    assert rows[64]["advance"] > rows[1]["advance"]  # batching pays even at this size
+
+
+def test_state_reports_memory_checkpoint_cost_and_a_verified_restore(tmp_path):
+    report = run_benchmark("state_bench.py", tmp_path / "state.json", "--keys", "2000")
+    assert report["memory"]["keys"] == 2000 and report["memory"]["row_bytes"] > 0
+    assert all(c["keys"] == 2000 and c["us_per_key"] > 0 for c in report["checkpoints"])
+    assert report["restore"]["keys"] == 2000 and report["restore"]["keys_per_s"] > 0
