@@ -115,7 +115,7 @@ def work(cfg: Config, index: int, port_to: Connection) -> None:
     on_stop_signals(stopped.set)  # a stop while the model loads still counts
     threading.Thread(target=stop_with_supervisor, name="supervisor-watch", daemon=True).start()
     daemon = Daemon(cfg)
-    with contextlib.suppress(OSError):  # a supervisor gone meanwhile: its SIGTERM has set `stopped`
+    with contextlib.suppress(OSError):  # a supervisor gone meanwhile: stop_with_supervisor stops us
         port_to.send(daemon.http.port)  # bound in Daemon(): known before run()
     port_to.close()
     on_stop_signals(daemon.stop)
