@@ -32,18 +32,13 @@ from .events import (
     prediction_record,
 )
 from .http_server import HttpServer
-from .kafka_io import (
-    ChangelogReader,
-    Failure,
-    KafkaIO,
-    Record,
-    open_io,
-)
+from .kafka_io import Failure, KafkaIO, Record, open_io
 from .metrics import Metrics, observe_many
 from .model_reload import ModelWatcher
 from .predictor import StreamingPredictor, resolve_device
 from .restore import Restorer
 from .state import StateKey
+from .topic_readers import ChangelogReader
 from .topics import ensure_changelog, ensure_topics
 
 log = logging.getLogger(__name__)

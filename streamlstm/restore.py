@@ -14,9 +14,10 @@ import time
 from kafka import TopicPartition
 
 from .changelog import PartitionRestore
-from .kafka_io import ChangelogReader, KafkaIO
+from .kafka_io import KafkaIO
 from .metrics import Metrics
 from .state import StateTable
+from .topic_readers import ChangelogReader
 
 log = logging.getLogger(__name__)
 

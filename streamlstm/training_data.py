@@ -144,7 +144,7 @@ def _kafka_object(key: bytes | None, value: bytes | None, timestamp: int) -> Any
 
 def read_kafka(kafka: KafkaConfig, topic: str) -> TrainingData:
     """Every partition of `topic` from the beginning to its end when reading started."""
-    from .kafka_io import read_topic
+    from .topic_readers import read_topic
 
     records = read_topic(kafka, topic)
     return decode_records(f"topic {topic!r}",
