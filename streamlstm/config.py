@@ -39,6 +39,7 @@ class KafkaConfig:
     max_poll_records: int = 2000
     poll_timeout_ms: int = 100
     fetch_max_wait_ms: int = 20
+    compression_type: str = "none"
     processing_guarantee: str = "at_least_once"
     transactional_id: str = ""
     security_protocol: str = "PLAINTEXT"
@@ -138,6 +139,7 @@ class Config:
 _CHOICES = {
     ("kafka", "client"): ("kafka-python", "confluent"),
     ("kafka", "auto_offset_reset"): ("earliest", "latest"),
+    ("kafka", "compression_type"): ("none", "gzip", "snappy", "lz4", "zstd"),
     ("kafka", "processing_guarantee"): ("at_least_once", "exactly_once"),
     ("kafka", "security_protocol"): ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
     ("kafka", "sasl_mechanism"): ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),

@@ -57,6 +57,19 @@ def confluent_settings(cfg: KafkaConfig) -> dict[str, object]:
     return settings
 
 
+def producer_config(cfg: KafkaConfig) -> dict[str, object]:
+    """kafka_io's producer settings in librdkafka's names."""
+    settings = PRODUCER_SETTINGS
+    return confluent_settings(cfg) | {
+        "client.id": f"{cfg.client_id}-producer", "acks": settings["acks"], "enable.idempotence": True,
+        "linger.ms": settings["linger_ms"], "batch.size": settings["batch_size"],
+        "request.timeout.ms": settings["request_timeout_ms"], "message.timeout.ms": settings["delivery_timeout_ms"],
+        "compression.type": cfg.compression_type,
+        # murmur2, as the Java clients and kafka-python hash keys (librdkafka's default is CRC32):
+        # a key's records land in the same partition whichever client wrote them.
+        "partitioner": "murmur2_random"}
+
+
 def _kafka_error(exc: KafkaException) -> KafkaError:
     """The daemon handles kafka-python's KafkaError (a broker away: back off, retry); so do we."""
     return KafkaError(str(exc.args[0] if exc.args else exc))
@@ -116,16 +129,8 @@ class ConfluentIO(KafkaIO):
         return consumer
 
     def _new_producer(self) -> Producer:
-        cfg, settings = self.cfg, PRODUCER_SETTINGS
         with _kafka_errors():
-            return Producer(confluent_settings(cfg) | {
-                "client.id": f"{cfg.client_id}-producer", "acks": settings["acks"], "enable.idempotence": True,
-                "linger.ms": settings["linger_ms"], "batch.size": settings["batch_size"],
-                "request.timeout.ms": settings["request_timeout_ms"],
-                "message.timeout.ms": settings["delivery_timeout_ms"],
-                # murmur2, as the Java clients and kafka-python hash keys (librdkafka's default is CRC32):
-                # a key's records land in the same partition whichever client wrote them.
-                "partitioner": "murmur2_random"})
+            return Producer(producer_config(self.cfg))
 
     def _partitions(self, topic: str) -> set[int]:
         with _kafka_errors():

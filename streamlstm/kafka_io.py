@@ -57,6 +57,11 @@ def client_settings(cfg: KafkaConfig) -> dict[str, object]:
     return {key: getattr(cfg, key) if getattr(cfg, key) != "" else None for key in SECURITY_KEYS}
 
 
+def producer_settings(cfg: KafkaConfig) -> dict[str, object]:
+    """PRODUCER_SETTINGS plus the configured codec (kafka-python says None for Kafka's "none")."""
+    return PRODUCER_SETTINGS | {"compression_type": None if cfg.compression_type == "none" else cfg.compression_type}
+
+
 def isolation_level(cfg: KafkaConfig) -> str:
     """Under exactly_once, records of aborted transactions (ours or upstream's) are never read."""
     return "read_committed" if cfg.processing_guarantee == "exactly_once" else "read_uncommitted"
@@ -131,7 +136,7 @@ class KafkaIO:
     def _new_producer(self) -> KafkaProducer:
         cfg = self.cfg
         producer = KafkaProducer(
-            bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-producer", **PRODUCER_SETTINGS,
+            bootstrap_servers=cfg.bootstrap_servers, client_id=f"{cfg.client_id}-producer", **producer_settings(cfg),
             transactional_id=cfg.transactional_id_or_default() if self.transactional else None,
             **client_settings(cfg),
         )

@@ -169,8 +169,9 @@ def daemon_factory(tmp_path: Path, broker: EmbeddedBroker, model_dir: Path):
             member.kill()
 
 
-def produce(broker: EmbeddedBroker, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
+def produce(broker: EmbeddedBroker, topic: str, messages: list[tuple[bytes | None, bytes]],
+            compression_type: str | None = None) -> None:
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5, compression_type=compression_type)
     for key, value in messages:
         producer.send(topic, key=key, value=value)
     producer.flush()
