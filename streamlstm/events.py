@@ -95,18 +95,19 @@ class EventDecoder:
         if value is not None and len(value) > self.max_value_bytes:
             return Rejection("value_too_large", f"value of {len(value)} bytes; the limit is "
                              f"{self.max_value_bytes} (events.max_value_bytes)")
+        if value is None:
+            return Rejection("not_json", "the value is null (a tombstone), not a JSON event; to drop a key's "
+                             'state send {"reset": true} or {"end": true}')
         try:
             key_text = key.decode("utf-8")
-            if value is not None:
-                wire = self._wire.decode(value)
-                if wire.ts is None or _finite(wire.ts) is not None:
-                    return Event(key_text, wire.features, None if wire.ts is None else int(wire.ts), wire.reset,
-                                 wire.end)
+            wire = self._wire.decode(value)
+            if wire.ts is None or _finite(wire.ts) is not None:
+                return Event(key_text, wire.features, None if wire.ts is None else int(wire.ts), wire.reset, wire.end)
         except (UnicodeDecodeError, msgspec.DecodeError):
             pass  # the full checks below say why
         try:
             key_text = key.decode("utf-8")
-            text = (value or b"").decode("utf-8")
+            text = value.decode("utf-8")
         except UnicodeDecodeError as exc:
             return Rejection("not_utf8", f"key or value is not UTF-8: {exc}")
         try:

@@ -49,6 +49,11 @@ def test_each_malformed_event_gets_its_reason(key, value, reason):
     assert decoded.detail
 
 
+def test_a_null_value_is_named_a_tombstone_with_what_to_send_instead():
+    rejection = decoder.decode(b"k", None)
+    assert rejection.reason == "not_json" and "tombstone" in rejection.detail and '{"end": true}' in rejection.detail
+
+
 def test_detail_is_readable_and_json_safe():
     rejection = decoder.decode(b"k", b'{"features": [1]}')
     assert "2" in rejection.detail and json.dumps(rejection.detail)
