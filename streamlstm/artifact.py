@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import UsageError
 from .model import TASKS, LSTMForecaster, ModelSpec
 
 FORMAT = "streamlstm-model"
@@ -25,7 +26,7 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UsageError):
     """The artifact cannot be served; the message names the file and the problem."""
 
 

@@ -15,10 +15,8 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .artifact import ArtifactError
-from .config import ConfigError, load_config
-from .kafka_io import TopicError
-from .training_data import TrainingDataError
+from .config import load_config
+from .errors import UsageError
 
 USAGE_ERROR = 2
 
@@ -143,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ArtifactError, TopicError, TrainingDataError) as exc:
+    except UsageError as exc:
         print(f"streamlstm {args.command}: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except FileNotFoundError as exc:

@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
+from .errors import UsageError
+
 ENV_PREFIX = "STREAMLSTM_"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration problem; the message names the key or file and what to do."""
 
 

@@ -22,6 +22,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from .config import KafkaConfig
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ DLQ_DETAIL = "streamlstm.detail"
 DLQ_SOURCE = "streamlstm.source"
 
 
-class TopicError(RuntimeError):
+class TopicError(UsageError):
     """A topic the daemon needs is missing or shaped wrongly; the message says what to change."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .config import KafkaConfig, TrainConfig
+from .errors import UsageError
 from .events import (
     LABEL_FIELD,
     Event,
@@ -34,7 +35,7 @@ Label = str | int | None
 Position = tuple[int, int]  # (partition, offset) in a topic; (0, line number) in a file
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(UsageError):
     """The data (with the train settings) cannot make a model; the message says what is missing."""
 
 

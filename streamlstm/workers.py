@@ -23,6 +23,7 @@ import signal
 import tempfile
 import threading
 from collections.abc import Collection
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -31,13 +32,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from .artifact import load_artifact, newest_artifact
 from .cli import configure_logging, on_stop_signals
 from .config import Config
-from .daemon import Daemon
 from .http_server import HttpServer
 from .metrics import MULTIPROC_DIR
-from .predictor import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +63,17 @@ def serve_workers(cfg: Config) -> int:
 def check_model(cfg: Config) -> None:
     """Fail once, before any worker starts, where every worker would (ConfigError, ArtifactError).
 
-    The model is loaded on the CPU: the supervisor keeps no GPU memory.
+    In a child process that then exits: loading a model imports torch, which the supervisor never
+    needs (~270 MB of memory for the pod's lifetime). The model is loaded on the CPU.
     """
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        child.submit(load_model, cfg).result()  # re-raises the child's error here
+
+
+def load_model(cfg: Config) -> None:
+    from .artifact import load_artifact, newest_artifact
+    from .predictor import resolve_device
+
     resolve_device(cfg.model.device)
     load_artifact(newest_artifact(cfg.model.path))
 
@@ -110,6 +117,8 @@ def worker_config(cfg: Config, index: int) -> Config:
 
 def work(cfg: Config, index: int, port_to: Connection) -> None:
     """A worker process: a Daemon that tells the supervisor its HTTP port, then runs until SIGTERM."""
+    from .daemon import Daemon  # torch with it: in the workers only
+
     configure_logging(cfg.log.level, f"worker-{index} ")
     stopped = threading.Event()
     on_stop_signals(stopped.set)  # a stop while the model loads still counts

@@ -65,6 +65,8 @@ def test_two_workers_predict_as_offline_and_the_pod_reports_for_both(tmp_path, b
     produce(broker, daemon.topic, stream[:EVENTS // 2])
     daemon.start()
     assert http_get(daemon.port, "/readyz") == (200, "ok: 2 workers\n")
+    # torch (~270 MB) only in the workers: the supervisor checked the model in a child that has exited
+    assert "libtorch" not in Path(f"/proc/{daemon.proc.pid}/maps").read_text()
     produce(broker, daemon.topic, stream[EVENTS // 2:])
 
     published = consume_exactly(broker, daemon.kafka["output_topic"], EVENTS)
