@@ -155,8 +155,8 @@ class ConfluentIO(KafkaIO):
                 if m.error().fatal():
                     raise KafkaError(str(m.error()))
                 continue
-            records.append(Record(m.topic(), m.partition(), m.offset(), m.timestamp()[1], m.key(),
-                                           m.value()))
+            records.append(Record(m.topic(), m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value(),
+                                  m.headers() or []))
         return records
 
     def _produce(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None,

@@ -36,9 +36,10 @@ CONSUMER_CALL_TIMEOUT_MS = 5000  # commits and committed-offset lookups while th
 SECURITY_KEYS = ("security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password", "ssl_cafile",
                  "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_check_hostname")
 
-DLQ_REASON = "streamlstm.reason"
-DLQ_DETAIL = "streamlstm.detail"
-DLQ_SOURCE = "streamlstm.source"
+DLQ_PREFIX = "streamlstm."
+DLQ_REASON = DLQ_PREFIX + "reason"
+DLQ_DETAIL = DLQ_PREFIX + "detail"
+DLQ_SOURCE = DLQ_PREFIX + "source"
 
 
 class TopicError(UsageError):
@@ -78,6 +79,7 @@ class Record(NamedTuple):
     timestamp: int
     key: bytes | None
     value: bytes | None
+    headers: list[tuple[str, bytes]]
 
 
 class Rebalance(Protocol):
@@ -204,13 +206,16 @@ class KafkaIO:
         self._failed.setdefault(source, Failure(topic, error, offset))
 
     def send_prediction(self, record: Record, value: bytes) -> None:
+        """With the event's headers (trace context, correlation ids), as Kafka Streams forwards them."""
         partition = record.partition if self.copartitioned else None
         self._send(record.partition, self.cfg.output_topic, key=record.key, value=value, partition=partition,
-                   offset=record.offset)
+                   headers=record.headers or None, offset=record.offset)
 
     def send_dead_letter(self, record: Record, reason: str, detail: str) -> None:
-        """The original key and value bytes, untouched; why and where from in the headers."""
+        """The original key, value and headers, untouched, so it can be fixed and sent again; why and where
+        from in headers of ours (replacing any from an earlier pass through the dead-letter topic)."""
         headers = [
+            *(header for header in record.headers if not header[0].startswith(DLQ_PREFIX)),
             (DLQ_REASON, reason.encode()),
             (DLQ_DETAIL, detail.encode("utf-8", "replace")),
             (DLQ_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),

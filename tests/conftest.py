@@ -169,11 +169,12 @@ def daemon_factory(tmp_path: Path, broker: EmbeddedBroker, model_dir: Path):
             member.kill()
 
 
-def produce(broker: EmbeddedBroker, topic: str, messages: list[tuple[bytes | None, bytes]],
+def produce(broker: EmbeddedBroker, topic: str, messages: list[tuple],
             compression_type: str | None = None) -> None:
+    """Messages as (key, value) or (key, value, headers)."""
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5, compression_type=compression_type)
-    for key, value in messages:
-        producer.send(topic, key=key, value=value)
+    for key, value, *headers in messages:
+        producer.send(topic, key=key, value=value, headers=headers[0] if headers else None)
     producer.flush()
     producer.close()
 

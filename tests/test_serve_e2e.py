@@ -23,7 +23,7 @@ from conftest import (
 
 from streamlstm.config import KafkaConfig
 from streamlstm.events import REASONS
-from streamlstm.kafka_io import DLQ_REASON, DLQ_SOURCE
+from streamlstm.kafka_io import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE
 from streamlstm.topics import ensure_topics
 
 KEYS, GOOD_EVENTS = 160, 2400
@@ -122,6 +122,27 @@ def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker
 
     assert daemon.stop(signal.SIGTERM) == 0
     assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_headers_travel_from_an_event_to_its_prediction_and_its_dead_letter(broker, daemon_factory, client):
+    """A prediction carries its event's headers (trace context, correlation ids: Kafka Streams forwards
+    them too); a dead letter keeps the original's, so it can be fixed and sent again, and has one fresh
+    reason of ours even when it was a dead letter sent back unfixed."""
+    daemon = daemon_factory(kafka__client=client)
+    ensure_topics(KafkaConfig(**daemon.kafka))
+    trace = [("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"), ("tenant", b"acme")]
+    sent_back = [("tenant", b"acme"), (DLQ_REASON, b"bad_ts"), (DLQ_SOURCE, b"events/0/7")]
+    produce(broker, daemon.topic, [(b"traced", event_value([1, 2, 3]), trace), (b"plain", event_value([1, 2, 3])),
+                                   (b"traced", b'{"features": [1, 2', sent_back)])
+    daemon.start()
+    published = {r.key: r.headers for r in consume_exactly(broker, daemon.kafka["output_topic"], 2)}
+    assert published == {b"traced": trace, b"plain": []}
+    [letter] = consume_exactly(broker, daemon.kafka["dlq_topic"], 1)
+    assert letter.headers[0] == ("tenant", b"acme")
+    ours = [(name, value) for name, value in letter.headers if name.startswith("streamlstm.")]
+    assert [name for name, _ in ours] == [DLQ_REASON, DLQ_DETAIL, DLQ_SOURCE] and dict(ours)[DLQ_REASON] == b"not_json"
+    assert daemon.stop() == 0
 
 
 def test_stop_signals_end_the_daemon_cleanly_and_commit(broker, daemon_factory):
