@@ -55,9 +55,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import machine  # noqa: E402
 
-from streamlstm import cell  # noqa: E402
+from streamlstm import fused_cell  # noqa: E402
 from streamlstm.artifact import Artifact  # noqa: E402
-from streamlstm.cell import fused_layer_step, fused_weights, layer_weights, lstm_step  # noqa: E402
+from streamlstm.cell import layer_weights, lstm_step  # noqa: E402
+from streamlstm.fused_cell import fused_layer_step, fused_weights  # noqa: E402
 from streamlstm.graphed_step import GraphedStep  # noqa: E402
 from streamlstm.model import LSTMForecaster, ModelSpec  # noqa: E402
 from streamlstm.predictor import StreamingPredictor  # noqa: E402
@@ -259,7 +260,7 @@ def sweep(hidden_sizes: list[int], batch: int, budget_s: float = 150.0) -> list[
             found.append({"hidden": hidden, "config": config, "us": round(s * 1e6, 2)})
             print(found[-1], flush=True)
         if timed:
-            cell.FUSED_CONFIGS[hidden] = min(timed, key=timed.get)
+            fused_cell.FUSED_CONFIGS[hidden] = min(timed, key=timed.get)
     return found
 
 
@@ -323,7 +324,7 @@ def main() -> None:
     if args.sweep:
         report["sweep"] = sweep(args.hidden, max(args.batch))
     if cuda:
-        report["fused_configs"] = {h: cell.fused_config(h) for h in args.hidden}
+        report["fused_configs"] = {h: fused_cell.fused_config(h) for h in args.hidden}
         print(f"fused layer (BLOCK_B, BLOCK_H, BLOCK_K, num_warps): {report['fused_configs']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     report["results"] = rows = []

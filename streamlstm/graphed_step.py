@@ -13,7 +13,7 @@ them from Python costs more than running them. A graph replays all of them with 
   and the graphs are captured anew as they are needed. Growth doubles the table, so this is rare.
 - Transfers: a step's rows and inputs travel in one pinned buffer as one host→device copy, its
   predictions come back as one device→host copy into pinned memory, and the caller waits once per poll.
-- The cell: the fused Triton kernel of cell.py where available (one launch per layer that gathers h and
+- The cell: the fused Triton kernel of fused_cell.py where available (one launch per layer that gathers h and
   c and writes c back, then one index_copy_ of every layer's new h), else lstm_step's torch operations.
 """
 
@@ -22,13 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .cell import (
-    fused_available,
-    fused_layer_step,
-    fused_weights,
-    layer_weights,
-    lstm_step,
-)
+from .cell import layer_weights, lstm_step
+from .fused_cell import fused_available, fused_layer_step, fused_weights
 from .model import LSTMForecaster
 from .state import StateTable
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -17,8 +17,10 @@ import torch
 from .artifact import Artifact
 from .cell import layer_weights, lstm_step
 from .config import ConfigError
-from .graphed_step import GraphedStep
 from .state import StateKey, StateTable
+
+if TYPE_CHECKING:
+    from .graphed_step import GraphedStep
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,7 +71,13 @@ class StreamingPredictor:
         spec = artifact.spec
         self.table = table if table is not None else StateTable(spec.num_layers, spec.hidden_size, device)
         self.step_stats: list[tuple[int, float]] = []
-        self.graphed = GraphedStep(self.model, self.table, max_batch) if cuda_graphs and device.type == "cuda" else None
+        self.graphed: GraphedStep | None = None
+        if cuda_graphs and device.type == "cuda":
+            from .graphed_step import (
+                GraphedStep,  # and Triton with it: never loaded by a CPU process
+            )
+
+            self.graphed = GraphedStep(self.model, self.table, max_batch)
         self._mean = self.model.feature_mean.cpu().numpy()
         self._std = self.model.feature_std.cpu().numpy()
 

@@ -3,6 +3,8 @@ on CUDA against the predictor on the CPU. The CUDA tests skip on machines withou
 
 import copy
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +12,8 @@ import pytest
 import torch
 
 from streamlstm.artifact import Artifact
-from streamlstm.cell import (
-    fused_available,
-    fused_layer_step,
-    fused_weights,
-    layer_weights,
-    lstm_step,
-)
+from streamlstm.cell import layer_weights, lstm_step
+from streamlstm.fused_cell import fused_available, fused_layer_step, fused_weights
 from streamlstm.graphed_step import GraphedStep
 from streamlstm.model import LSTMForecaster, ModelSpec
 from streamlstm.predictor import StreamingPredictor
@@ -38,6 +35,20 @@ def make_model(hidden: int, layers: int, seed: int = 0, task: str = "regression"
 
 def predictor(model: LSTMForecaster, device: torch.device, **kwargs) -> StreamingPredictor:
     return StreamingPredictor(Artifact(copy.deepcopy(model), "test", {}, Path(".")), device, **kwargs)
+
+
+def test_a_cpu_daemon_never_loads_triton(tmp_path):
+    """CUDA builds of torch bring Triton, on machines without a GPU too: a CPU daemon must not pay for it
+    (import time, memory, and lines that are not log records at its exit)."""
+    pytest.importorskip("triton")
+    code = ("import sys, torch; from conftest import make_model; import streamlstm.daemon; "
+            "from streamlstm.artifact import load_artifact; from streamlstm.predictor import StreamingPredictor; "
+            f"artifact = load_artifact(make_model({str(tmp_path / 'model')!r})); "
+            "StreamingPredictor(artifact, torch.device('cpu')).advance([(0, 'k')], [[1.0, 2.0, 3.0]]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
 
 
 def random_state(layers: int, rows: int, hidden: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
