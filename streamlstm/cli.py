@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import signal
 import sys
 import threading
@@ -17,17 +16,9 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import UsageError
+from .logs import configure_logging
 
 USAGE_ERROR = 2
-
-
-def configure_logging(level: str, process: str = "") -> None:
-    """`process` names a serve.workers worker in each of its lines (they share the pod's log)."""
-    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {process}%(name)s: %(message)s",
-                        stream=sys.stderr)
-    if level != "DEBUG":  # kafka-python narrates every connection at INFO, and every refused one at WARNING
-        logging.getLogger("kafka").setLevel(logging.WARNING)
-        logging.getLogger("kafka.net.manager").setLevel(logging.ERROR)
 
 
 def on_stop_signals(stop: Callable[[], None]) -> None:
@@ -38,7 +29,7 @@ def on_stop_signals(stop: Callable[[], None]) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    configure_logging(cfg.log.level)
+    configure_logging(cfg.log.level, cfg.log.format)
     if cfg.serve.workers > 1:
         from .workers import serve_workers
 
@@ -53,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    configure_logging(cfg.log.level)
+    configure_logging(cfg.log.level, cfg.log.format)
     from .train import train
     from .training_data import read_kafka
 

@@ -124,6 +124,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
+    format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ _CHOICES = {
     ("train", "task"): ("regression", "classification"),
     ("train", "lr_schedule"): ("cosine", "constant"),
     ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
+    ("log", "format"): ("text", "json"),
 }
 
 

@@ -32,9 +32,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from .cli import configure_logging, on_stop_signals
+from .cli import on_stop_signals
 from .config import Config
 from .http_server import HttpServer
+from .logs import configure_logging
 from .metrics import MULTIPROC_DIR
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def work(cfg: Config, index: int, port_to: Connection) -> None:
     """A worker process: a Daemon that tells the supervisor its HTTP port, then runs until SIGTERM."""
     from .daemon import Daemon  # torch with it: in the workers only
 
-    configure_logging(cfg.log.level, f"worker-{index} ")
+    configure_logging(cfg.log.level, cfg.log.format, index)
     stopped = threading.Event()
     on_stop_signals(stopped.set)  # a stop while the model loads still counts
     threading.Thread(target=stop_with_supervisor, name="supervisor-watch", daemon=True).start()
