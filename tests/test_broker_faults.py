@@ -11,6 +11,7 @@ import time
 import pytest
 from conftest import (
     DaemonProcess,
+    consume_exactly,
     daemon_metric,
     event_value,
     http_get,
@@ -23,6 +24,7 @@ from conftest import (
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streamlstm.broker import EmbeddedBroker, free_port
+from streamlstm.kafka_io import DLQ_DETAIL, DLQ_REASON
 
 OUTAGE_S = 5  # longer than the daemon's first backoffs (1, 2 s): it retries through the outage
 
@@ -93,31 +95,59 @@ def test_broker_stopped_mid_run_and_restarted_every_later_event_is_predicted(tmp
         broker.stop()
 
 
-@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
-def test_a_record_the_dead_letter_topic_refuses_stops_its_partition_and_is_never_committed_past(
-        broker, daemon_factory, client):
-    """A 1.5 MB event is rejected (value_too_large) but its dead letter exceeds the producer's 1 MiB
-    request limit: it can never be written. The daemon retries with backoff, stays alive and not ready,
-    never commits its partition past it, and keeps serving the other partitions."""
-    daemon = daemon_factory(kafka__client=client).start()
+def send_with_one_poison(broker, topic: str, poison: tuple[bytes, bytes]) -> tuple[dict[int, list], object]:
+    """40 events over partitions 0-3, the 21st (partition 0's 6th) replaced by `poison` (key, value).
+    Returns the metadata of what each partition got, and the poison's."""
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=4 << 20)
     sent: dict[int, list] = {}
     for i in range(40):
-        partition = i % 4
-        value = b'{"features": [1, 2, 3]}' + b" " * 1_500_000 if i == 20 else event_value([i, 1, 2], i)
-        sent.setdefault(partition, []).append(producer.send(daemon.topic, key=f"k{i}".encode(), value=value,
-                                                            partition=partition).get(timeout=30))
+        key, value = poison if i == 20 else (f"k{i}".encode(), event_value([i, 1, 2], i))
+        sent.setdefault(i % 4, []).append(producer.send(topic, key=key, value=value, partition=i % 4).get(timeout=30))
     producer.close()
-    poison = sent[0][5]  # the 21st event went to partition 0, as its 6th record
+    return sent, sent[0][5]
 
-    refused = f'streamlstm_delivery_failures_total{{topic="{daemon.kafka["dlq_topic"]}"}}'
-    daemon.wait_for(lambda: refused in http_get(daemon.port, "/metrics")[1] and metric(
-        http_get(daemon.port, "/metrics")[1], refused) >= 3, 90, "three refused tries of the dead letter")
-    assert http_get(daemon.port, "/healthz")[0] == 200 and http_get(daemon.port, "/readyz")[0] == 503
+
+def predicted_by_partition(broker, daemon) -> dict[int, set[int]]:
     by_partition: dict[int, set[int]] = {}
     for record in read_all(broker, daemon.kafka["output_topic"], 5):
         source = json.loads(record.value)["source"]
         by_partition.setdefault(source["partition"], set()).add(source["offset"])
+    return by_partition
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_an_event_too_large_for_any_record_is_dead_lettered_cut_and_its_partition_goes_on(
+        broker, daemon_factory, client):
+    """A 1.5 MB event (value_too_large): whole, its dead letter would exceed the producer's 1 MiB request
+    limit and hold its partition for good. Cut to events.max_value_bytes it is delivered, and every other
+    event of its partition is predicted."""
+    daemon = daemon_factory(kafka__client=client).start()
+    value = b'{"features": [1, 2, 3]}' + b" " * 1_500_000
+    sent, poison = send_with_one_poison(broker, daemon.topic, (b"k20", value))
+    [letter] = consume_exactly(broker, daemon.kafka["dlq_topic"], 1)
+    headers = dict(letter.headers)
+    assert headers[DLQ_REASON] == b"value_too_large" and letter.value == value[:65536]
+    assert b"the dead letter carries its first 65536 bytes" in headers[DLQ_DETAIL]
+    consume_exactly(broker, daemon.kafka["output_topic"], 39)
+    assert predicted_by_partition(broker, daemon)[0] == {m.offset for m in sent[0]} - {poison.offset}
+    assert daemon_metric(daemon, "streamlstm_rewinds_total") == 0
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_record_the_broker_refuses_for_good_stops_its_partition_and_is_never_committed_past(
+        broker, daemon_factory, client):
+    """An event with a 1.5 MB key, accepted (events.max_key_bytes raised to 2 MB): its prediction exceeds
+    the producer's 1 MiB request limit and can never be written. The daemon retries with backoff, stays
+    alive and not ready, never commits its partition past it, and keeps serving the other partitions."""
+    daemon = daemon_factory(kafka__client=client, events__max_key_bytes=2_000_000).start()
+    sent, poison = send_with_one_poison(broker, daemon.topic, (b"k" * 1_500_000, event_value([1, 2, 3])))
+
+    refused = f'streamlstm_delivery_failures_total{{topic="{daemon.kafka["output_topic"]}"}}'
+    daemon.wait_for(lambda: metric(http_get(daemon.port, "/metrics")[1], refused) >= 3, 90,
+                    "three refused tries of the prediction")
+    assert http_get(daemon.port, "/healthz")[0] == 200 and http_get(daemon.port, "/readyz")[0] == 503
+    by_partition = predicted_by_partition(broker, daemon)
     for partition in (1, 2, 3):
         assert by_partition[partition] == {m.offset for m in sent[partition]}
     assert by_partition[0] == {m.offset for m in sent[0][:5]}, "nothing after the refused record"

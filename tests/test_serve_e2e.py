@@ -27,6 +27,7 @@ from streamlstm.kafka_io import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE
 from streamlstm.topics import ensure_topics
 
 KEYS, GOOD_EVENTS = 160, 2400
+MAX_VALUE_BYTES = 65536  # events.max_value_bytes, the default
 FEATURE_MEAN = (10.0, 20.0, 12.0)  # make_model's training means: what replace_with_mean puts in
 
 
@@ -45,7 +46,7 @@ def bad_event(reason: str, key: bytes, ts: int) -> tuple[bytes | None, bytes]:
         "non_finite_feature": b'{"features": [1, NaN, 3], "ts": %d}' % ts,
         "bad_ts": b'{"features": [1, 2, 3], "ts": "noon"}',
         "bad_control": b'{"features": [1, 2, 3], "reset": "yes"}',
-        "value_too_large": b'{"features": [1, 2, 3]}' + b" " * 70_000,  # events.max_value_bytes: 65536
+        "value_too_large": b'{"features": [1, 2, 3]}' + b" " * 70_000,
     }.get(reason, event_value([1, 2, 3], ts))
     return {"bad_key": b"", "key_too_large": b"k" * 2000}.get(reason, key), value  # max_key_bytes: 1024
 
@@ -73,7 +74,7 @@ def workload(replace: bool, seed: int = 3) -> tuple[list[dict], list[tuple[bytes
             if replace and reason in REPLACEABLE:
                 good.append({"key": key, "features": [1, FEATURE_MEAN[1], 3], "ts": ts})
             else:
-                dead[reason, stream[-1][1]] += 1
+                dead[reason, stream[-1][1][:MAX_VALUE_BYTES]] += 1  # an oversized value's dead letter is cut
     stream.append((None, event_value([1, 2, 3])))  # no key at all
     dead["bad_key", stream[-1][1]] += 1
     return good, stream, dead
