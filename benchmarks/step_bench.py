@@ -6,6 +6,8 @@ For each hidden size (--hidden, default 64 128 256), layer count (--layers, 1 2)
   per_event      one model call per event: nn.LSTM on [1, 1, in] with the key's (h, c) kept in a Python
                  dict, then the head, the prediction copied to the host (the tutorials' serving loop).
                  It does not depend on the batch size and is timed on --per-event events.
+Each figure is the median of WINDOWS timing windows (per_event: --per-event events each; the others:
+--budget seconds each): on a shared VM a neighbour's burst then moves one window, not the figure.
   lstm_step      the raw batched cell (cell.lstm_step) on already gathered h and c: no table, no head.
   advance        StreamingPredictor.advance with B distinct keys per call: table lookup, gather, step,
                  scatter, head, predictions back as numpy. Keys cycle through max(2B, 1024) live keys,
@@ -34,7 +36,7 @@ side; the run also measures a large fp32 matmul (TF32 off) for the device's plai
 
 Run from the repository root:
 
-    python benchmarks/step_bench.py                      # CPU: ~1 minute on 2 cores
+    python benchmarks/step_bench.py                      # CPU: ~3 minutes on 2 cores
     python benchmarks/step_bench.py --device cuda --sweep --profile
 """
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -65,6 +68,7 @@ from streamlstm.predictor import StreamingPredictor  # noqa: E402
 from streamlstm.state import StateTable  # noqa: E402
 
 INPUTS, OUTPUTS = 3, 1
+WINDOWS = 5  # timing windows per figure; the median is reported
 
 
 def make_model(hidden: int, layers: int) -> LSTMForecaster:
@@ -86,16 +90,19 @@ def sync(device: torch.device) -> None:
 
 
 def per_call(fn: Callable[[], object], device: torch.device, budget_s: float, max_calls: int = 10_000) -> float:
-    """Seconds per call (host wall time, the device waited for): one warm-up call, then calls until
-    `budget_s` has passed (at least two)."""
+    """Seconds per call (host wall time, the device waited for): one warm-up call, then the median of
+    WINDOWS windows of calls, each until `budget_s` has passed (at least two calls)."""
     fn()
     sync(device)
-    calls, started = 0, time.perf_counter()
-    while calls < 2 or (time.perf_counter() - started < budget_s and calls < max_calls):
-        fn()
-        calls += 1
-    sync(device)
-    return (time.perf_counter() - started) / calls
+    windows = []
+    for _ in range(WINDOWS):
+        calls, started = 0, time.perf_counter()
+        while calls < 2 or (time.perf_counter() - started < budget_s and calls < max_calls):
+            fn()
+            calls += 1
+        sync(device)
+        windows.append((time.perf_counter() - started) / calls)
+    return statistics.median(windows)
 
 
 def device_time(fn: Callable[[], object], reps: int) -> float:
@@ -124,13 +131,16 @@ def per_event_rate(model: LSTMForecaster, device: torch.device, events: int) -> 
         out, states[key] = model.lstm(x, states.get(key))
         model.predictions(model.head(out[:, -1])).cpu()
 
+    rates = []
     with torch.no_grad():
         for i in range(min(events, 200)):  # warm-up, and every key gets a state
             one(i)
-        started = time.perf_counter()
-        for i in range(events):
-            one(i)
-    return events / (time.perf_counter() - started)
+        for _ in range(WINDOWS):
+            started = time.perf_counter()
+            for i in range(events):
+                one(i)
+            rates.append(events / (time.perf_counter() - started))
+    return statistics.median(rates)
 
 
 def batched_rates(model: LSTMForecaster, device: torch.device, batch: int, budget_s: float) -> dict[str, float]:
