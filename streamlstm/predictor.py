@@ -94,7 +94,7 @@ class StreamingPredictor:
             return self._advance_graphed(keys, features, fresh)
         self.step_stats = []
         rows = self.table.rows(keys)
-        x = self.model.normalise(torch.tensor(features, dtype=torch.float32).to(self.device))
+        x = self.model.normalise(torch.from_numpy(np.array(features, dtype=np.float32)).to(self.device))
         top = torch.empty(len(keys), self.model.spec.hidden_size, device=self.device)
         steps = torch.empty(len(keys), dtype=torch.int64)
         for positions in step_rounds(rows.numpy()):
