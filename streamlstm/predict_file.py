@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import TextIO
 
+import msgspec
+
 from .artifact import load_artifact
 from .events import (
     LABEL_FIELD,
@@ -42,5 +44,5 @@ def predict_file(model_dir: str | Path, data: str | Path, out: TextIO) -> tuple[
             out.write(json.dumps({"line": line, "key": event.key, "dropped": True}) + "\n")
             continue
         record = prediction_record(event, prediction, step, artifact.version, None, event.ts)
-        out.write(json.dumps({"line": line, **record}) + "\n")
+        out.write(json.dumps({"line": line, **msgspec.to_builtins(record)}) + "\n")
     return len(events), rejected
