@@ -8,7 +8,8 @@ streamlstm imported): the relays that set the ceiling (kafka-python's, and confl
 
 `live`: the relay as a latency control. It prints "assigned" once it holds its partitions (so that the
 paced producer can start without a group join inside the measurement), and carries each input record's
-timestamp to its output in an `event_ts` header, as a prediction carries `event_ts`.
+timestamp to its output in an `event_ts` header, as a prediction carries `event_ts`. A relay's last
+line is `cpu_s SECONDS`: its CPU time (all threads) from its first records to its end.
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ def relay(bootstrap: str, source: str, sink: str, group: str, count: int, live: 
         while not consumer.assignment():
             consumer.poll(timeout_ms=POLL_TIMEOUT_MS)  # nothing is produced before "assigned"
         print("assigned", flush=True)
-    done, relayed = {}, 0
+    done, relayed, cpu_start = {}, 0, None
     next_commit = time.monotonic() + CHECKPOINT_INTERVAL_S
     while relayed < count:
-        for tp, records in consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_POLL_RECORDS).items():
+        batches = consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_POLL_RECORDS)
+        if cpu_start is None and batches:
+            cpu_start = time.process_time()
+        for tp, records in batches.items():
             for record in records:
                 headers = [("event_ts", b"%d" % record.timestamp)] if live else None
                 producer.send(sink, key=record.key, value=record.value, headers=headers)
@@ -61,6 +65,7 @@ def relay(bootstrap: str, source: str, sink: str, group: str, count: int, live: 
             next_commit = time.monotonic() + CHECKPOINT_INTERVAL_S
     producer.close()
     consumer.close()
+    report_cpu(cpu_start)
 
 
 def relay_confluent(bootstrap: str, source: str, sink: str, group: str, count: int, live: bool) -> None:
@@ -80,11 +85,13 @@ def relay_confluent(bootstrap: str, source: str, sink: str, group: str, count: i
         while not consumer.assignment():
             consumer.consume(1, POLL_TIMEOUT_MS / 1000)  # nothing is produced before "assigned"
         print("assigned", flush=True)
-    done, relayed = {}, 0
+    done, relayed, cpu_start = {}, 0, None
     next_commit = time.monotonic() + CHECKPOINT_INTERVAL_S
     while relayed < count:
         # What is there, else wait for one: consume(n, t) waits for all n, holding live events.
         messages = consumer.consume(MAX_POLL_RECORDS, 0) or consumer.consume(1, POLL_TIMEOUT_MS / 1000)
+        if cpu_start is None and messages:
+            cpu_start = time.process_time()
         for m in messages:
             headers = [("event_ts", b"%d" % m.timestamp()[1])] if live else None
             producer.produce(sink, m.value(), m.key(), headers=headers)
@@ -96,6 +103,12 @@ def relay_confluent(bootstrap: str, source: str, sink: str, group: str, count: i
             consumer.commit(offsets=[TopicPartition(source, p, o) for p, o in done.items()], asynchronous=False)
             next_commit = time.monotonic() + CHECKPOINT_INTERVAL_S
     consumer.close()
+    report_cpu(cpu_start)
+
+
+def report_cpu(start: float | None) -> None:
+    """The process's CPU seconds (all its threads) from its first records to its end, for the benchmark."""
+    print(f"cpu_s {time.process_time() - start:.4f}", flush=True)
 
 
 def paced(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]], rate: float) -> None:

@@ -32,7 +32,11 @@ machine falls on both sides of a ratio. The last round's daemon goes on to step 
 
 Events/s is the count of output records over the span of their timestamps (first to last), for relay
 and serve alike, so start-up and group joins are left out of both. Each run's outputs are counted
-exactly; a shortfall fails the run rather than reporting a speed.
+exactly; a shortfall fails the run rather than reporting a speed. CPU per event is each process's CPU
+time (all threads) while it drained, over the events: a relay's from its first records to its end,
+serve's from its readiness to its last prediction handed to the producer (/proc). On a shared VM it
+moves far less than events/s, and `cpu_ratio` (relay's CPU per event over serve's) says how much
+dearer an event is in serve than in the bare relay.
 
 Run from the repository root (about 5 minutes on 2 cores):
 
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import signal
@@ -160,6 +165,12 @@ def events_per_second(records: list) -> dict[str, float]:
     return {"events": len(records), "seconds": round(span, 3), "events_per_s": round((len(records) - 1) / span, 1)}
 
 
+def cpu_per_event(cpu_s: float, events: int) -> dict[str, float]:
+    """A process's CPU time per event while it drained the backlog: unlike events/s, hardly moved by
+    what else the machine runs (the broker, a neighbour), so it says where serve's time goes."""
+    return {"cpu_s": round(cpu_s, 3), "cpu_us_per_event": round(cpu_s / events * 1e6, 2)}
+
+
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()
@@ -202,13 +213,33 @@ class Daemon:
         self.spy = profile and subprocess.Popen(["py-spy", "record", "--rate", "250", "--format", "raw", "--output",
                                                  str(profile), "--pid", str(self.proc.pid)], stdout=subprocess.DEVNULL)
 
+    def wait_ready(self) -> None:
+        """Until /readyz answers 200 (its partitions are assigned and restored): it drains from then on."""
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            self._check_running()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=5):
+                    return
+            except OSError:  # not answering yet, or 503 (urllib's HTTPError is an OSError)
+                time.sleep(0.01)
+        raise SystemExit(f"streamlstm serve was not ready in {RUN_TIMEOUT_S:.0f} s")
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the daemon process so far, all its threads (Linux /proc, 10 ms resolution)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    def _check_running(self) -> None:
+        if self.proc.poll() is not None:
+            raise SystemExit(f"streamlstm serve exited with {self.proc.returncode}:\n"
+                             + self.log.read_text()[-3000:])
+
     def wait_predictions(self, count: int) -> None:
         """Until the daemon has handed `count` predictions to its producer."""
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"streamlstm serve exited with {self.proc.returncode}:\n"
-                                 + self.log.read_text()[-3000:])
+            self._check_running()
             try:
                 if metric(scrape(self.port), "streamlstm_predictions_produced_total") >= count:
                     return
@@ -300,33 +331,43 @@ def throughput_round(bootstrap: str, kafka: KafkaConfig, topics: dict[str, str],
     for relay in RELAYS:
         sink = f"{topics[relay]}-{index}"
         ensure_topics(replace(kafka, output_topic=sink))
-        bare_client(relay, bootstrap, topics["input"], sink, f"bench-{relay}-{index}", args.events).wait()
+        proc = bare_client(relay, bootstrap, topics["input"], sink, f"bench-{relay}-{index}", args.events,
+                           stdout=subprocess.PIPE, text=True)
+        cpu_s = float(proc.communicate()[0].split()[-1])  # its last line: "cpu_s SECONDS"
         relayed = Outputs(bootstrap, sink)
-        figures[relay] = events_per_second(relayed.read(args.events))
+        figures[relay] = events_per_second(relayed.read(args.events)) | cpu_per_event(cpu_s, args.events)
         relayed.close()
     ours = dict(topics, serve=f"{topics['serve']}-{index}")
     ensure_topics(replace(kafka, output_topic=ours["serve"]))
     daemon = Daemon(tmp, bootstrap, ours, f"bench-serve-{index}", model, args.set, profile)
     try:
+        daemon.wait_ready()
+        cpu_s = daemon.cpu_seconds()
         daemon.wait_predictions(args.events)
+        cpu_s = daemon.cpu_seconds() - cpu_s
         outputs = Outputs(bootstrap, ours["serve"])
-        figures["serve"] = events_per_second(outputs.read(args.events))
+        figures["serve"] = events_per_second(outputs.read(args.events)) | cpu_per_event(cpu_s, args.events)
     except BaseException:
         daemon.stop()
         raise
     for relay in RELAYS:
         figures[f"ratio_to_{relay}"] = round(figures["serve"]["events_per_s"] / figures[relay]["events_per_s"], 3)
+        figures[f"cpu_ratio_to_{relay}"] = round(figures[relay]["cpu_us_per_event"]
+                                                 / figures["serve"]["cpu_us_per_event"], 3)
     print(f"round {index + 1}: " + ", ".join(f"{k} {v['events_per_s']:.0f}/s" for k, v in figures.items()
                                              if isinstance(v, dict))
-          + f"; serve = {figures['ratio_to_relay']:.2f} x relay", flush=True)
+          + f"; serve = {figures['ratio_to_relay']:.2f} x relay; CPU per event: relay "
+          f"{figures['relay']['cpu_us_per_event']:.1f} us, serve {figures['serve']['cpu_us_per_event']:.1f} us",
+          flush=True)
     return figures, daemon, outputs
 
 
 def medians(rounds: list[dict]) -> dict[str, float]:
     """Each figure's median over the rounds; the ratios are the medians of each round's own ratio."""
-    out = {f"{name}_events_per_s": float(np.median([r[name]["events_per_s"] for r in rounds]))
-           for name in (*RELAYS, "serve")}
-    out |= {f"ratio_to_{relay}": float(np.median([r[f"ratio_to_{relay}"] for r in rounds])) for relay in RELAYS}
+    out = {f"{name}_{figure}": float(np.median([r[name][figure] for r in rounds]))
+           for name in (*RELAYS, "serve") for figure in ("events_per_s", "cpu_us_per_event")}
+    out |= {f"{ratio}_to_{relay}": float(np.median([r[f"{ratio}_to_{relay}"] for r in rounds]))
+            for relay in RELAYS for ratio in ("ratio", "cpu_ratio")}
     return out
 
 
@@ -373,7 +414,9 @@ def main() -> None:
             report["median"] = summary = medians(report["rounds"])
             for relay in RELAYS:
                 print(f"median of {args.repeat}: serve {summary['serve_events_per_s']:.0f} events/s = "
-                      f"{summary[f'ratio_to_{relay}']:.2f} x {relay}", flush=True)
+                      f"{summary[f'ratio_to_{relay}']:.2f} x {relay}; CPU per event {relay} "
+                      f"{summary[f'{relay}_cpu_us_per_event']:.1f} us, serve {summary['serve_cpu_us_per_event']:.1f} "
+                      f"us: {relay} / serve {summary[f'cpu_ratio_to_{relay}']:.2f}", flush=True)
             try:
                 full = summary["serve_events_per_s"]
                 phases = [("low_rate", LOW_RATE), ("half_rate", full / 2), ("full_rate", full)]

@@ -26,7 +26,9 @@ def test_end_to_end_reports_relays_serve_latency_and_the_control(tmp_path):
     for figures in report["rounds"]:  # every output record counted exactly, or the run fails
         assert {figures[name]["events"] for name in ("relay", "relay-confluent", "serve")} == {2000}
         assert figures["ratio_to_relay"] > 0
-    assert report["median"]["serve_events_per_s"] > 0
+        # CPU per event: a relay's and serve's own, each some microseconds (not start-up, not zero)
+        assert all(0.5 < figures[name]["cpu_us_per_event"] < 1000 for name in ("relay", "relay-confluent", "serve"))
+    assert report["median"]["serve_events_per_s"] > 0 and report["median"]["cpu_ratio_to_relay"] > 0
     for phase in ("low_rate", "half_rate", "full_rate", "daemon"):
         assert phase in report
     assert report["control"]["relay"] == "relay"
