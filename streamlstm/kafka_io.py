@@ -71,7 +71,8 @@ def isolation_level(cfg: KafkaConfig) -> str:
 
 class Record(NamedTuple):
     """An input record, as the daemon reads it: confluent_io makes these; kafka-python's ConsumerRecord
-    has the same fields under the same names (and more), and is passed as it is."""
+    has the same fields under the same names (and more), and is passed as it is. Both are named tuples
+    (the daemon cuts an oversized dead letter's bytes with `_replace`)."""
 
     topic: str
     partition: int
