@@ -20,7 +20,13 @@ import torch
 import yaml
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from streamlstm.artifact import save_artifact
+if not torch.cuda.is_available():
+    # No GPU: the fused Triton kernel (streamlstm/fused_cell.py) runs in Triton's interpreter, on the CPU,
+    # so its math is tested on every machine with Triton, not only when a GPU is lent. Triton reads this
+    # when a kernel is defined, so it is set before any test module imports fused_cell.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from streamlstm.artifact import save_artifact  # noqa: E402
 from streamlstm.broker import EmbeddedBroker, free_port
 from streamlstm.model import LSTMForecaster, ModelSpec
 

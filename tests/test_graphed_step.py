@@ -1,5 +1,6 @@
 """The CUDA fast path equals the eager step: the fused layer kernel, the graphed step, and the predictor
-on CUDA against the predictor on the CPU. The CUDA tests skip on machines without a GPU."""
+on CUDA against the predictor on the CPU. The CUDA tests skip on machines without a GPU; the fused kernel
+runs there too, in Triton's interpreter (conftest.py), wherever Triton is installed."""
 
 import copy
 import random
@@ -13,7 +14,12 @@ import torch
 
 from streamlstm.artifact import Artifact
 from streamlstm.cell import layer_weights, lstm_step
-from streamlstm.fused_cell import fused_available, fused_layer_step, fused_weights
+from streamlstm.fused_cell import (
+    fused_available,
+    fused_layer_step,
+    fused_weights,
+    triton,
+)
 from streamlstm.graphed_step import GraphedStep
 from streamlstm.model import LSTMForecaster, ModelSpec
 from streamlstm.predictor import StreamingPredictor
@@ -21,6 +27,7 @@ from streamlstm.state import Rows, StateTable
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+KERNEL = CUDA if torch.cuda.is_available() else CPU  # on the CPU: Triton's interpreter (conftest.py)
 TOL = {"atol": 1e-5, "rtol": 0}
 
 
@@ -51,30 +58,30 @@ def test_a_cpu_daemon_never_loads_triton(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
-def random_state(layers: int, rows: int, hidden: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def random_state(layers: int, rows: int, hidden: int, seed: int,
+                 device: torch.device = CUDA) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(layers, rows, hidden, generator=g).to(CUDA),
-            torch.randn(layers, rows, hidden, generator=g).to(CUDA))
+    return (torch.randn(layers, rows, hidden, generator=g).to(device),
+            torch.randn(layers, rows, hidden, generator=g).to(device))
 
 
-@needs_cuda
-@pytest.mark.skipif(not fused_available(16), reason="needs Triton")
+@pytest.mark.skipif(triton is None, reason="needs Triton")
 @pytest.mark.parametrize("hidden", [16, 48, 128, 256])
 @pytest.mark.parametrize("n", [1, 7, 100, 1000])
 def test_fused_layer_equals_lstm_step_and_writes_only_its_rows_c(hidden, n):
     capacity = 1200
-    layer = layer_weights(make_model(hidden, 1, seed=hidden).lstm.to(CUDA))
-    h, c = random_state(1, capacity + 1, hidden, seed=n)
-    rows = torch.randperm(capacity, generator=torch.Generator().manual_seed(n))[:n].to(CUDA)
-    padded = torch.cat([rows, torch.full((9,), capacity, device=CUDA)])  # padding: the scratch row
-    x = torch.randn(n + 9, 3, device=CUDA)
+    layer = layer_weights(make_model(hidden, 1, seed=hidden).lstm.to(KERNEL))
+    h, c = random_state(1, capacity + 1, hidden, seed=n, device=KERNEL)
+    rows = torch.randperm(capacity, generator=torch.Generator().manual_seed(n))[:n].to(KERNEL)
+    padded = torch.cat([rows, torch.full((9,), capacity, device=KERNEL)])  # padding: the scratch row
+    x = torch.randn(n + 9, 3, device=KERNEL)
     expected_h, expected_c = lstm_step(x[:n], h[:, rows], c[:, rows], layer)
-    out = torch.empty(n + 9, hidden, device=CUDA)
+    out = torch.empty(n + 9, hidden, device=KERNEL)
     before_h, before_c = h.clone(), c.clone()
     fused_layer_step(x, padded, h[0], c[0], fused_weights(layer)[0], out)
     torch.testing.assert_close(out[:n], expected_h[0], **TOL)
     torch.testing.assert_close(c[:, rows], expected_c, **TOL)
-    others = torch.ones(capacity + 1, dtype=torch.bool, device=CUDA)
+    others = torch.ones(capacity + 1, dtype=torch.bool, device=KERNEL)
     others[padded] = False
     assert torch.equal(h, before_h) and torch.equal(c[:, others], before_c[:, others])
 
