@@ -8,8 +8,9 @@ streamlstm imported): the relays that set the ceiling (kafka-python's, and confl
 
 `live`: the relay as a latency control. It prints "assigned" once it holds its partitions (so that the
 paced producer can start without a group join inside the measurement), and carries each input record's
-timestamp to its output in an `event_ts` header, as a prediction carries `event_ts`. A relay's last
-line is `cpu_s SECONDS`: its CPU time (all threads) from its first records to its end.
+timestamp to its output in an `event_ts` header, as a prediction carries `event_ts`. A relay prints
+`draining` when its first records arrive and, last, `cpu_s SECONDS`: its CPU time (all threads) from
+then to its end.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def relay(bootstrap: str, source: str, sink: str, group: str, count: int, live: 
     while relayed < count:
         batches = consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_POLL_RECORDS)
         if cpu_start is None and batches:
-            cpu_start = time.process_time()
+            cpu_start = draining()
         for tp, records in batches.items():
             for record in records:
                 headers = [("event_ts", b"%d" % record.timestamp)] if live else None
@@ -91,7 +92,7 @@ def relay_confluent(bootstrap: str, source: str, sink: str, group: str, count: i
         # What is there, else wait for one: consume(n, t) waits for all n, holding live events.
         messages = consumer.consume(MAX_POLL_RECORDS, 0) or consumer.consume(1, POLL_TIMEOUT_MS / 1000)
         if cpu_start is None and messages:
-            cpu_start = time.process_time()
+            cpu_start = draining()
         for m in messages:
             headers = [("event_ts", b"%d" % m.timestamp()[1])] if live else None
             producer.produce(sink, m.value(), m.key(), headers=headers)
@@ -104,6 +105,12 @@ def relay_confluent(bootstrap: str, source: str, sink: str, group: str, count: i
             next_commit = time.monotonic() + CHECKPOINT_INTERVAL_S
     consumer.close()
     report_cpu(cpu_start)
+
+
+def draining() -> float:
+    """Say so at the first records (the benchmark starts its clocks), and return our CPU time so far."""
+    print("draining", flush=True)
+    return time.process_time()
 
 
 def report_cpu(start: float | None) -> None:

@@ -36,7 +36,8 @@ exactly; a shortfall fails the run rather than reporting a speed. CPU per event 
 time (all threads) while it drained, over the events: a relay's from its first records to its end,
 serve's from its readiness to its last prediction handed to the producer (/proc). On a shared VM it
 moves far less than events/s, and `cpu_ratio` (relay's CPU per event over serve's) says how much
-dearer an event is in serve than in the bare relay.
+dearer an event is in serve than in the bare relay. The broker's CPU time over the same spans, per
+event, says how much work each puts on the broker.
 
 Run from the repository root (about 5 minutes on 2 cores):
 
@@ -165,10 +166,17 @@ def events_per_second(records: list) -> dict[str, float]:
     return {"events": len(records), "seconds": round(span, 3), "events_per_s": round((len(records) - 1) / span, 1)}
 
 
-def cpu_per_event(cpu_s: float, events: int) -> dict[str, float]:
-    """A process's CPU time per event while it drained the backlog: unlike events/s, hardly moved by
-    what else the machine runs (the broker, a neighbour), so it says where serve's time goes."""
-    return {"cpu_s": round(cpu_s, 3), "cpu_us_per_event": round(cpu_s / events * 1e6, 2)}
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time of a running process so far, all its threads (Linux /proc, 10 ms resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def cpu_per_event(cpu_s: float, broker_cpu_s: float, events: int) -> dict[str, float]:
+    """CPU time per event of a client while it drained the backlog, and of the broker meanwhile: unlike
+    events/s, hardly moved by what else the machine runs, so they say where the time goes."""
+    return {"cpu_s": round(cpu_s, 3), "cpu_us_per_event": round(cpu_s / events * 1e6, 2),
+            "broker_cpu_us_per_event": round(broker_cpu_s / events * 1e6, 2)}
 
 
 def scrape(port: int) -> str:
@@ -224,11 +232,6 @@ class Daemon:
             except OSError:  # not answering yet, or 503 (urllib's HTTPError is an OSError)
                 time.sleep(0.01)
         raise SystemExit(f"streamlstm serve was not ready in {RUN_TIMEOUT_S:.0f} s")
-
-    def cpu_seconds(self) -> float:
-        """CPU time of the daemon process so far, all its threads (Linux /proc, 10 ms resolution)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
     def _check_running(self) -> None:
         if self.proc.poll() is not None:
@@ -322,8 +325,9 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def throughput_round(bootstrap: str, kafka: KafkaConfig, topics: dict[str, str], tmp: Path, model: Path,
-                     args: argparse.Namespace, index: int, profile: Path | None) -> tuple[dict, Daemon, Outputs]:
+def throughput_round(bootstrap: str, broker_pid: int, kafka: KafkaConfig, topics: dict[str, str], tmp: Path,
+                     model: Path, args: argparse.Namespace, index: int,
+                     profile: Path | None) -> tuple[dict, Daemon, Outputs]:
     """One round: each relay, then serve, on the whole backlog, each with a group and an output topic of
     its own; serve keeps running (the caller stops it). The rounds interleave, so a slow spell of the
     machine hits relay and serve alike rather than one of them."""
@@ -333,20 +337,27 @@ def throughput_round(bootstrap: str, kafka: KafkaConfig, topics: dict[str, str],
         ensure_topics(replace(kafka, output_topic=sink))
         proc = bare_client(relay, bootstrap, topics["input"], sink, f"bench-{relay}-{index}", args.events,
                            stdout=subprocess.PIPE, text=True)
+        if proc.stdout.readline().strip() != "draining":
+            raise SystemExit(f"{relay} exited with {proc.wait()} before its first records")
+        broker_cpu_s = process_cpu_seconds(broker_pid)
         cpu_s = float(proc.communicate()[0].split()[-1])  # its last line: "cpu_s SECONDS"
+        broker_cpu_s = process_cpu_seconds(broker_pid) - broker_cpu_s
         relayed = Outputs(bootstrap, sink)
-        figures[relay] = events_per_second(relayed.read(args.events)) | cpu_per_event(cpu_s, args.events)
+        figures[relay] = (events_per_second(relayed.read(args.events))
+                          | cpu_per_event(cpu_s, broker_cpu_s, args.events))
         relayed.close()
     ours = dict(topics, serve=f"{topics['serve']}-{index}")
     ensure_topics(replace(kafka, output_topic=ours["serve"]))
     daemon = Daemon(tmp, bootstrap, ours, f"bench-serve-{index}", model, args.set, profile)
     try:
         daemon.wait_ready()
-        cpu_s = daemon.cpu_seconds()
+        cpu_s, broker_cpu_s = process_cpu_seconds(daemon.proc.pid), process_cpu_seconds(broker_pid)
         daemon.wait_predictions(args.events)
-        cpu_s = daemon.cpu_seconds() - cpu_s
+        cpu_s = process_cpu_seconds(daemon.proc.pid) - cpu_s
+        broker_cpu_s = process_cpu_seconds(broker_pid) - broker_cpu_s
         outputs = Outputs(bootstrap, ours["serve"])
-        figures["serve"] = events_per_second(outputs.read(args.events)) | cpu_per_event(cpu_s, args.events)
+        figures["serve"] = (events_per_second(outputs.read(args.events))
+                            | cpu_per_event(cpu_s, broker_cpu_s, args.events))
     except BaseException:
         daemon.stop()
         raise
@@ -356,8 +367,9 @@ def throughput_round(bootstrap: str, kafka: KafkaConfig, topics: dict[str, str],
                                                  / figures["serve"]["cpu_us_per_event"], 3)
     print(f"round {index + 1}: " + ", ".join(f"{k} {v['events_per_s']:.0f}/s" for k, v in figures.items()
                                              if isinstance(v, dict))
-          + f"; serve = {figures['ratio_to_relay']:.2f} x relay; CPU per event: relay "
-          f"{figures['relay']['cpu_us_per_event']:.1f} us, serve {figures['serve']['cpu_us_per_event']:.1f} us",
+          + f"; serve = {figures['ratio_to_relay']:.2f} x relay; CPU per event (broker's meanwhile): relay "
+          f"{figures['relay']['cpu_us_per_event']:.1f} us ({figures['relay']['broker_cpu_us_per_event']:.1f}), "
+          f"serve {figures['serve']['cpu_us_per_event']:.1f} us ({figures['serve']['broker_cpu_us_per_event']:.1f})",
           flush=True)
     return figures, daemon, outputs
 
@@ -365,7 +377,7 @@ def throughput_round(bootstrap: str, kafka: KafkaConfig, topics: dict[str, str],
 def medians(rounds: list[dict]) -> dict[str, float]:
     """Each figure's median over the rounds; the ratios are the medians of each round's own ratio."""
     out = {f"{name}_{figure}": float(np.median([r[name][figure] for r in rounds]))
-           for name in (*RELAYS, "serve") for figure in ("events_per_s", "cpu_us_per_event")}
+           for name in (*RELAYS, "serve") for figure in ("events_per_s", "cpu_us_per_event", "broker_cpu_us_per_event")}
     out |= {f"{ratio}_to_{relay}": float(np.median([r[f"{ratio}_to_{relay}"] for r in rounds]))
             for relay in RELAYS for ratio in ("ratio", "cpu_ratio")}
     return out
@@ -405,8 +417,8 @@ def main() -> None:
             report["rounds"] = []
             for index in range(args.repeat):
                 last = index == args.repeat - 1
-                figures, daemon, outputs = throughput_round(bootstrap, kafka, topics, tmp, model, args, index,
-                                                            args.profile if last else None)
+                figures, daemon, outputs = throughput_round(bootstrap, broker.pid, kafka, topics, tmp, model, args,
+                                                            index, args.profile if last else None)
                 report["rounds"].append(figures)
                 if not last:
                     outputs.close()

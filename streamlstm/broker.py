@@ -67,6 +67,11 @@ class EmbeddedBroker:
         self.stop()
         raise RuntimeError(f"embedded broker did not listen on {self.bootstrap} within {timeout_s} s")
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process, while it runs (the benchmarks read its CPU time)."""
+        return self._process.pid if self._process is not None else None
+
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
