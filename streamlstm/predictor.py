@@ -73,9 +73,8 @@ class StreamingPredictor:
         self.step_stats: list[tuple[int, float]] = []
         self.graphed: GraphedStep | None = None
         if cuda_graphs and device.type == "cuda":
-            from .graphed_step import (
-                GraphedStep,  # and Triton with it: never loaded by a CPU process
-            )
+            # Imported here: Triton comes with it, and a CPU process never loads Triton.
+            from .graphed_step import GraphedStep
 
             self.graphed = GraphedStep(self.model, self.table, max_batch)
         self._mean = self.model.feature_mean.cpu().numpy()

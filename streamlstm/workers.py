@@ -72,6 +72,7 @@ def check_model(cfg: Config) -> None:
 
 
 def load_model(cfg: Config) -> None:
+    """check_model's child: loads the model as a worker would (torch is imported here, not above)."""
     from .artifact import load_artifact, newest_artifact
     from .predictor import resolve_device
 
