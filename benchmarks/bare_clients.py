@@ -113,7 +113,7 @@ def draining() -> float:
     return time.process_time()
 
 
-def report_cpu(start: float | None) -> None:
+def report_cpu(start: float) -> None:
     """The process's CPU seconds (all its threads) from its first records to its end, for the benchmark."""
     print(f"cpu_s {time.process_time() - start:.4f}", flush=True)
 
