@@ -17,6 +17,7 @@ import msgspec
 
 CONTROL_FIELDS = ("reset", "end")  # reset: start the key from zero state; end: drop it after this event
 EVENT_FIELDS = frozenset({"features", "ts", *CONTROL_FIELDS})
+TS_MIN, TS_MAX = -(1 << 63), (1 << 63) - 1  # Kafka's timestamps: signed 64-bit milliseconds
 LABEL_FIELD = "label"  # event files only: a classification event's class, for training and scoring
 
 
@@ -55,6 +56,15 @@ def _finite(value: int | float) -> float | None:
     except OverflowError:
         return None
     return number if math.isfinite(number) else None
+
+
+def _timestamp(value: int | float) -> int | None:
+    """Epoch milliseconds as an int, or None unless finite and within Kafka's signed 64-bit timestamps
+    (a larger one would overflow the state table's int64 times)."""
+    if _finite(value) is None:
+        return None
+    ms = int(value)
+    return ms if TS_MIN <= ms <= TS_MAX else None
 
 
 def _wire_decoder(count: int) -> msgspec.json.Decoder:
@@ -102,8 +112,9 @@ class EventDecoder:
         try:
             key_text = key.decode("utf-8")
             wire = self._wire.decode(value)
-            if wire.ts is None or _finite(wire.ts) is not None:
-                return Event(key_text, wire.features, None if wire.ts is None else int(wire.ts), wire.reset, wire.end)
+            ts = None if wire.ts is None else _timestamp(wire.ts)
+            if wire.ts is None or ts is not None:
+                return Event(key_text, wire.features, ts, wire.reset, wire.end)
         except (UnicodeDecodeError, msgspec.DecodeError):
             pass  # the full checks below say why
         try:
@@ -145,9 +156,12 @@ class EventDecoder:
         else:
             return Rejection("missing_features", "the event has no 'features' (only reset or end events may omit them)")
         ts = obj.get("ts")
-        if ts is not None and not (_is_number(ts) and _finite(ts) is not None):
-            return Rejection("bad_ts", f"'ts' must be a number of epoch milliseconds, got {ts!r:.40}")
-        return Event(key, features, None if ts is None else int(ts), reset, end, replaced)
+        if ts is not None:
+            ts = _timestamp(ts) if _is_number(ts) else None
+            if ts is None:
+                return Rejection("bad_ts", "'ts' must be a number of epoch milliseconds within Kafka's signed "
+                                 f"64-bit timestamps, got {obj['ts']!r:.40}")
+        return Event(key, features, ts, reset, end, replaced)
 
     def _features(self, raw: Any) -> tuple[list[float], int] | Rejection:
         if isinstance(raw, dict):

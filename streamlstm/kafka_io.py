@@ -69,6 +69,13 @@ def isolation_level(cfg: KafkaConfig) -> str:
     return "read_committed" if cfg.processing_guarantee == "exactly_once" else "read_uncommitted"
 
 
+def forwarded(headers: list[tuple[str, bytes | None]]) -> list[tuple[str, bytes]]:
+    """An input record's headers as they are written again, on either client: a null value (Kafka allows
+    one, Java clients write them) goes out empty, since kafka-python's producer refuses null values
+    (a TypeError that would stop the daemon at that event every time it is read)."""
+    return [(name, b"" if value is None else value) for name, value in headers]
+
+
 class Record(NamedTuple):
     """An input record, as the daemon reads it: confluent_io makes these; kafka-python's ConsumerRecord
     has the same fields under the same names (and more), and is passed as it is. Both are named tuples
@@ -80,7 +87,7 @@ class Record(NamedTuple):
     timestamp: int
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
+    headers: list[tuple[str, bytes | None]]
 
 
 class Rebalance(Protocol):
@@ -210,13 +217,13 @@ class KafkaIO:
         """With the event's headers (trace context, correlation ids), as Kafka Streams forwards them."""
         partition = record.partition if self.copartitioned else None
         self._send(record.partition, self.cfg.output_topic, key=record.key, value=value, partition=partition,
-                   headers=record.headers or None, offset=record.offset)
+                   headers=forwarded(record.headers) if record.headers else None, offset=record.offset)
 
     def send_dead_letter(self, record: Record, reason: str, detail: str) -> None:
-        """The original key, value and headers, untouched, so it can be fixed and sent again; why and where
-        from in headers of ours (replacing any from an earlier pass through the dead-letter topic)."""
+        """The original key, value and headers (a null header value empty), so it can be fixed and sent
+        again; why and where from in headers of ours (replacing any from an earlier pass through the dead-letter topic)."""
         headers = [
-            *(header for header in record.headers if not header[0].startswith(DLQ_PREFIX)),
+            *(header for header in forwarded(record.headers) if not header[0].startswith(DLQ_PREFIX)),
             (DLQ_REASON, reason.encode()),
             (DLQ_DETAIL, detail.encode("utf-8", "replace")),
             (DLQ_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),

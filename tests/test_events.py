@@ -65,6 +65,20 @@ def test_numbers_too_large_for_a_float_are_rejected_not_raised():
     assert decoder.decode(b"k", f'{{"features": [1, 2], "ts": {huge}}}'.encode()).reason == "bad_ts"
 
 
+@pytest.mark.parametrize("ts", [2**63, -(2**63) - 1, 1e300, -1e300])
+def test_timestamps_beyond_kafkas_64_bit_range_are_rejected(ts):
+    """A Kafka timestamp is a signed 64-bit count of milliseconds; a later one would overflow the
+    state table's event times (ttl_clock: event_time) and stop the daemon."""
+    for body in (f'{{"features": [1, 2], "ts": {ts}}}', f'{{"features": {{"a": 1, "b": 2}}, "ts": {ts}}}'):
+        rejection = decoder.decode(b"k", body.encode())
+        assert rejection.reason == "bad_ts" and "64-bit" in rejection.detail
+
+
+def test_timestamps_at_the_ends_of_the_range_are_kept_exactly():
+    for ts in (2**63 - 1, -(2**63), 1_700_000_000_123):
+        assert decoder.decode(b"k", f'{{"features": [1, 2], "ts": {ts}}}'.encode()).ts == ts
+
+
 def test_oversized_keys_and_values_are_rejected_before_parsing():
     small = EventDecoder(["a", "b"], max_key_bytes=4, max_value_bytes=30)
     assert small.decode(b"12345", b'{"features": [1, 2]}').reason == "key_too_large"

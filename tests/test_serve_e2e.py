@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 from conftest import (
     assert_equals_offline,
     consume_exactly,
@@ -129,20 +130,27 @@ def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker
 def test_headers_travel_from_an_event_to_its_prediction_and_its_dead_letter(broker, daemon_factory, client):
     """A prediction carries its event's headers (trace context, correlation ids: Kafka Streams forwards
     them too); a dead letter keeps the original's, so it can be fixed and sent again, and has one fresh
-    reason of ours even when it was a dead letter sent back unfixed."""
+    reason of ours even when it was a dead letter sent back unfixed. A null header value goes out empty."""
     daemon = daemon_factory(kafka__client=client)
     ensure_topics(KafkaConfig(**daemon.kafka))
     trace = [("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"), ("tenant", b"acme")]
     sent_back = [("tenant", b"acme"), (DLQ_REASON, b"bad_ts"), (DLQ_SOURCE, b"events/0/7")]
     produce(broker, daemon.topic, [(b"traced", event_value([1, 2, 3]), trace), (b"plain", event_value([1, 2, 3])),
                                    (b"traced", b'{"features": [1, 2', sent_back)])
+    # A null header value, which Kafka allows and Java clients write (kafka-python's producer cannot).
+    nulls = [("flag", None), ("tenant", b"acme")]
+    null_producer = Producer({"bootstrap.servers": broker.bootstrap, "partitioner": "murmur2_random"})
+    for value in (event_value([4, 5, 6]), b"[1, 2, 3]"):
+        null_producer.produce(daemon.topic, value, b"nulls", headers=nulls)
+    null_producer.flush()
     daemon.start()
-    published = {r.key: r.headers for r in consume_exactly(broker, daemon.kafka["output_topic"], 2)}
-    assert published == {b"traced": trace, b"plain": []}
-    [letter] = consume_exactly(broker, daemon.kafka["dlq_topic"], 1)
-    assert letter.headers[0] == ("tenant", b"acme")
-    ours = [(name, value) for name, value in letter.headers if name.startswith("streamlstm.")]
-    assert [name for name, _ in ours] == [DLQ_REASON, DLQ_DETAIL, DLQ_SOURCE] and dict(ours)[DLQ_REASON] == b"not_json"
+    published = {r.key: r.headers for r in consume_exactly(broker, daemon.kafka["output_topic"], 3)}
+    assert published == {b"traced": trace, b"plain": [], b"nulls": [("flag", b""), ("tenant", b"acme")]}
+    letters = {r.key: r.headers for r in consume_exactly(broker, daemon.kafka["dlq_topic"], 2)}
+    assert letters[b"traced"][0] == ("tenant", b"acme") and letters[b"nulls"][:2] == published[b"nulls"]
+    for headers, reason in ((letters[b"traced"], b"not_json"), (letters[b"nulls"], b"not_object")):
+        ours = [(name, value) for name, value in headers if name.startswith("streamlstm.")]
+        assert [name for name, _ in ours] == [DLQ_REASON, DLQ_DETAIL, DLQ_SOURCE] and dict(ours)[DLQ_REASON] == reason
     assert daemon.stop() == 0
 
 
