@@ -67,6 +67,16 @@ def _timestamp(value: int | float) -> int | None:
     return ms if TS_MIN <= ms <= TS_MAX else None
 
 
+def parse_json(text: str | bytes) -> Any:
+    """json.loads, with JSON nested too deep to parse raised as the ValueError any other bad JSON is:
+    json raises RecursionError for it, which would get past every handler of bad input (a 3 KB event
+    of brackets stopped the daemon)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to parse") from None
+
+
 def _wire_decoder(count: int) -> msgspec.json.Decoder:
     """Decodes and checks, in C, the common shape of a valid event: `features` as a list of `count`
     finite numbers, optional `ts`, `reset` and `end`, nothing else. msgspec refuses NaN and out-of-range
@@ -123,7 +133,7 @@ class EventDecoder:
         except UnicodeDecodeError as exc:
             return Rejection("not_utf8", f"key or value is not UTF-8: {exc}")
         try:
-            obj = json.loads(text)
+            obj = parse_json(text)
         except ValueError as exc:
             return Rejection("not_json", f"value is not JSON: {exc}")
         return self.decode_object(key_text, obj)
@@ -236,7 +246,7 @@ def read_event_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
         for number, line in enumerate(fh, start=1):
             if line.strip():
                 try:
-                    yield number, json.loads(line)
+                    yield number, parse_json(line)
                 except ValueError as exc:
                     yield number, Rejection("not_json", f"line {number}: {exc}")
 

@@ -8,7 +8,6 @@ way they arrive. Knows nothing of torch.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -27,6 +26,7 @@ from .events import (
     EventDecoder,
     Rejection,
     decode_line,
+    parse_json,
     read_event_lines,
     sequences,
 )
@@ -132,7 +132,7 @@ def read_jsonl(path: str | Path) -> TrainingData:
 def _kafka_object(key: bytes | None, value: bytes | None, timestamp: int) -> Any:
     """A topic record as an event-file record: 'key' from the message key, 'ts' from the record if absent."""
     try:
-        obj = json.loads((value or b"").decode("utf-8"))
+        obj = parse_json((value or b"").decode("utf-8"))
         key_text = key.decode("utf-8") if key else None
     except UnicodeDecodeError as exc:
         return Rejection("not_utf8", f"record key or value is not UTF-8: {exc}")

@@ -79,6 +79,13 @@ def test_timestamps_at_the_ends_of_the_range_are_kept_exactly():
         assert decoder.decode(b"k", f'{{"features": [1, 2], "ts": {ts}}}'.encode()).ts == ts
 
 
+@pytest.mark.parametrize("value", [b"[" * 3000, b'{"features":' * 3000 + b"1" + b"}" * 3000,
+                                   b'{"features": [1, 2], "ts": ' + b"[" * 3000 + b"]" * 3000 + b"}"])
+def test_json_nested_too_deep_to_parse_is_rejected_not_raised(value):
+    rejection = decoder.decode(b"k", value)
+    assert rejection.reason == "not_json" and "nested too deeply" in rejection.detail
+
+
 def test_oversized_keys_and_values_are_rejected_before_parsing():
     small = EventDecoder(["a", "b"], max_key_bytes=4, max_value_bytes=30)
     assert small.decode(b"12345", b'{"features": [1, 2]}').reason == "key_too_large"

@@ -46,6 +46,13 @@ def test_events_are_grouped_per_key_and_ordered_by_time_then_position(tmp_path: 
         ("a", 6.0), ("a", 2.0), ("a", 4.0), ("a", 5.0), ("b", 3.0), ("b", 1.0)]
 
 
+def test_an_event_line_nested_too_deep_to_parse_is_counted_as_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"key": "a", "features": [1.0], "ts": 1}\n' + "[" * 3000 + "\n")
+    data = read_jsonl(path)
+    assert [e.features for e in data.events] == [[1.0]] and data.rejected == {"not_json": 1}
+
+
 def test_csv_reads_named_columns_in_time_order(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "d.csv", ["when", "id", "temp", "load", "note"], [
         ["2024-01-01T00:00:01", "m1", "20.5", "3", "0"],
