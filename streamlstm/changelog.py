@@ -60,7 +60,7 @@ def source_offset(value: bytes | None, headers: Iterable[tuple[str, bytes]]) -> 
     if value is None:
         for name, raw in headers:
             if name == TOMBSTONE_OFFSET:
-                return int(raw)
+                return int(raw) if raw and raw.isdigit() else None
         return None
     if len(value) < HEADER.size or value[:2] != MAGIC or value[2] != FORMAT:
         return None

@@ -56,10 +56,12 @@ def test_unreadable_and_other_shaped_records_are_skipped_and_counted():
     restore.add(b"x", b"garbage", [])
     restore.add(None, changelog.encode(rows_of([(0, "y")], [1]), "v")[0], [])
     restore.add(b"z", None, [])
+    restore.add(b"t1", None, [(changelog.TOMBSTONE_OFFSET, b"soon")])  # a tombstone whose offset is not one
+    restore.add(b"t2", None, [(changelog.TOMBSTONE_OFFSET, None)])
     restore.add(b"wide", changelog.encode(rows_of([(0, "wide")], [1], hidden=4), "v")[0], [])
     restore.add(b"ok", changelog.encode(rows_of([(0, "ok")], [1]), "v")[0], [])
     state, incompatible = restore.rows(2, 3)
-    assert restore.unreadable == 3 and incompatible == 1 and state.keys == [(0, "ok")]
+    assert restore.unreadable == 5 and incompatible == 1 and state.keys == [(0, "ok")]
 
 
 def test_a_table_loaded_from_its_own_changes_continues_exactly():
