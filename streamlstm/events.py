@@ -18,6 +18,7 @@ import msgspec
 CONTROL_FIELDS = ("reset", "end")  # reset: start the key from zero state; end: drop it after this event
 EVENT_FIELDS = frozenset({"features", "ts", *CONTROL_FIELDS})
 TS_MIN, TS_MAX = -(1 << 63), (1 << 63) - 1  # Kafka's timestamps: signed 64-bit milliseconds
+FLOAT32_MAX = 3.4028234663852886e38
 LABEL_FIELD = "label"  # event files only: a classification event's class, for training and scoring
 
 
@@ -58,6 +59,13 @@ def _finite(value: int | float) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _feature(value: int | float) -> float | None:
+    """The value as a float, or None unless finite in float32, the precision the model computes in (a
+    larger one would enter the step as an infinity)."""
+    number = _finite(value)
+    return number if number is not None and -FLOAT32_MAX <= number <= FLOAT32_MAX else None
+
+
 def _timestamp(value: int | float) -> int | None:
     """Epoch milliseconds as an int, or None unless finite and within Kafka's signed 64-bit timestamps
     (a larger one would overflow the state table's int64 times)."""
@@ -79,10 +87,11 @@ def parse_json(text: str | bytes) -> Any:
 
 def _wire_decoder(count: int) -> msgspec.json.Decoder:
     """Decodes and checks, in C, the common shape of a valid event: `features` as a list of `count`
-    finite numbers, optional `ts`, `reset` and `end`, nothing else. msgspec refuses NaN and out-of-range
-    numbers, so whatever it accepts the full checks would accept identically."""
+    numbers finite in float32, optional `ts`, `reset` and `end`, nothing else. msgspec refuses NaN and
+    out-of-range numbers, so whatever it accepts the full checks would accept identically."""
 
-    features = Annotated[list[float], msgspec.Meta(min_length=count, max_length=count)]
+    value = Annotated[float, msgspec.Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+    features = Annotated[list[value], msgspec.Meta(min_length=count, max_length=count)]
     fields = [("features", features), ("ts", int | float | None, None), ("reset", bool, False), ("end", bool, False)]
     return msgspec.json.Decoder(msgspec.defstruct("WireEvent", fields, forbid_unknown_fields=True))
 
@@ -190,14 +199,15 @@ class EventDecoder:
             return Rejection("missing_features", f"'features' must be a list or an object, got {type(raw).__name__}")
         out, replaced = [], 0
         for i, (name, v) in enumerate(zip(self.names, values)):
-            number = _finite(v) if _is_number(v) else None
+            number = _feature(v) if _is_number(v) else None
             if number is None and self.replacements is not None:
                 number = self.replacements[i]
                 replaced += 1
             elif not _is_number(v):
                 return Rejection("non_numeric_feature", f"feature {name!r} is {v!r:.40}, not a number")
             elif number is None:
-                return Rejection("non_finite_feature", f"feature {name!r} is {v!r:.40}")
+                return Rejection("non_finite_feature", f"feature {name!r} is {v!r:.40}: not a finite float32 (the "
+                                 f"model's precision: at most {FLOAT32_MAX:.7g} in magnitude)")
             out.append(number)
         return out, replaced
 

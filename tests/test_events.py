@@ -65,6 +65,20 @@ def test_numbers_too_large_for_a_float_are_rejected_not_raised():
     assert decoder.decode(b"k", f'{{"features": [1, 2], "ts": {huge}}}'.encode()).reason == "bad_ts"
 
 
+@pytest.mark.parametrize("body", ['{"features": [1e39, 2]}', '{"features": [1, -1e300]}',
+                                  '{"features": {"a": 1e39, "b": 2}}', '{"features": [1, %d]}' % 10**39])
+def test_features_beyond_float32_are_not_finite_to_the_model(body):
+    """The model computes in float32: a larger value would enter the step as an infinity."""
+    rejection = decoder.decode(b"k", body.encode())
+    assert rejection.reason == "non_finite_feature" and "float32" in rejection.detail
+    assert EventDecoder(["a", "b"], replacements=[5.0, 6.0]).decode(b"k", body.encode()).replaced == 1
+
+
+def test_features_at_float32s_limits_are_accepted():
+    biggest = 3.4028234663852886e38
+    assert decoder.decode(b"k", b'{"features": [%r, %r]}' % (biggest, -biggest)).features == [biggest, -biggest]
+
+
 @pytest.mark.parametrize("ts", [2**63, -(2**63) - 1, 1e300, -1e300])
 def test_timestamps_beyond_kafkas_64_bit_range_are_rejected(ts):
     """A Kafka timestamp is a signed 64-bit count of milliseconds; a later one would overflow the

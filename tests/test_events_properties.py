@@ -7,13 +7,14 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamlstm.events import REASONS, Event, EventDecoder, Rejection
+from streamlstm.events import FLOAT32_MAX, REASONS, Event, EventDecoder, Rejection
 
 NAMES = ("load", "temp", "hour")
 decoder = EventDecoder(NAMES)
 SETTINGS = settings(max_examples=4000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-finite = st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**53), 2**53)
+# Numbers the model can take: finite in float32, which it computes in.
+finite = st.floats(min_value=-FLOAT32_MAX, max_value=FLOAT32_MAX) | st.integers(-(2**53), 2**53)
 json_values = st.recursive(
     st.none() | st.booleans() | finite | st.sampled_from([math.nan, math.inf, 10**400]) | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=4)
@@ -75,7 +76,7 @@ HOWS = ["extra_field", "no_features", "control", "count", "unknown_name", "missi
 
 @SETTINGS
 @given(valid_events(), st.sampled_from(HOWS + ["non_finite"]), st.text(max_size=5),
-       st.sampled_from([math.nan, math.inf, -math.inf, 10**400]))
+       st.sampled_from([math.nan, math.inf, -math.inf, 10**400, 1e39, -1e300]))
 def test_each_invalid_event_gets_its_reason(case, how, junk, bad_number):
     key, body, _ = case
     broken, reason = _break(body, how, bad_number if how == "non_finite" else junk)
