@@ -126,6 +126,50 @@ def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker
     assert "Traceback" not in daemon.log()
 
 
+def hostile_records(rng: random.Random) -> list[tuple[bytes | None, bytes | None]]:
+    """Records that are no event, some made to hit the limits of the parsers and of the numbers the
+    daemon keeps: each must be dead-lettered and nothing else."""
+    return [
+        (b"h", b"[" * 3000), (b"h", b'{"features": ' * 3000 + b"1" + b"}" * 3000),  # nested too deep to parse
+        (b"h", b'{"features": [1, 2, 3], "ts": 1e300}'), (b"h", b'{"features": [1, 2, 3], "ts": %d}' % 2**64),
+        (b"h", b'{"features": [1e39, 2, 3]}'), (b"h", b'{"features": [1, %d, 3]}' % 10**400),
+        (b"h", None), (b"h", b""), (None, event_value([1, 2, 3])),
+        *((rng.randbytes(rng.randrange(8)), rng.randbytes(rng.randrange(300))) for _ in range(40)),
+    ]
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_hostile_records_are_dead_lettered_and_the_daemon_serves_on(tmp_path, broker, model_dir, daemon_factory,
+                                                                     client):
+    """Whatever a producer writes (random bytes, JSON too deep to parse, numbers beyond what the daemon
+    keeps, null header values, odd record timestamps), the daemon dead-letters it and goes on serving,
+    on the event-time TTL clock too; the good events around it are predicted as offline."""
+    rng = random.Random(5)
+    good = [{"key": f"k{i % 20}", "features": [rng.gauss(10, 3), rng.gauss(20, 5), i % 24],
+             "ts": 1_700_000_000_000 + i} for i in range(200)]
+    hostile = hostile_records(rng)
+    stream = [(e["key"].encode(), event_value(e["features"], e["ts"])) for e in good]
+    for record in hostile:  # among the good events, which stay in order
+        stream.insert(rng.randrange(len(stream) + 1), record)
+    daemon = daemon_factory(kafka__client=client, state__ttl_clock="event_time")
+    ensure_topics(KafkaConfig(**daemon.kafka))
+    # confluent-kafka's producer, which writes null header values (kafka-python's refuses them)
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "partitioner": "murmur2_random"})
+    for i, (key, value) in enumerate(stream):
+        producer.produce(daemon.topic, value, key, headers=[("n", None)] if i % 2 else None,
+                         timestamp=rng.choice([0, 1, 2**62, 1_700_000_000_000]))
+    producer.flush()
+    daemon.start()
+
+    published = consume_exactly(broker, daemon.kafka["output_topic"], len(good))
+    assert_equals_offline(published, offline_predictions(tmp_path, model_dir, good), daemon.topic)
+    letters = consume_exactly(broker, daemon.kafka["dlq_topic"], len(hostile))
+    assert Counter((r.key, r.value) for r in letters) == Counter(hostile)
+    assert http_get(daemon.port, "/healthz") == (200, "ok\n") and http_get(daemon.port, "/readyz")[0] == 200
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log()
+
+
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_headers_travel_from_an_event_to_its_prediction_and_its_dead_letter(broker, daemon_factory, client):
     """A prediction carries its event's headers (trace context, correlation ids: Kafka Streams forwards
