@@ -9,6 +9,7 @@ At-least-once only (config refuses exactly_once with this client). Knows nothing
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -36,6 +37,8 @@ from .kafka_io import (
     Record,
     isolation_level,
 )
+
+log = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = CONSUMER_CALL_TIMEOUT_MS / 1000
 MAX_BLOCK_S = PRODUCER_SETTINGS["max_block_ms"] / 1000  # a full local queue waits this long, as kafka-python's send
@@ -103,6 +106,17 @@ def _theirs(partitions: Iterable[TopicPartition], offset: Callable[[TopicPartiti
             for tp in partitions]
 
 
+def _headers(m: Message) -> list[tuple[str, bytes | None]]:
+    """A header name that is not UTF-8 (Kafka allows any bytes; Java clients read it) makes confluent-kafka
+    raise SystemError: such a record is read without its headers rather than stopping the daemon."""
+    try:
+        return m.headers() or []
+    except SystemError:
+        log.warning("%s/%d/%d: a header name is not UTF-8; the record is read without its headers",
+                    m.topic(), m.partition(), m.offset())
+        return []
+
+
 class ConfluentIO(KafkaIO):
     """KafkaIO on confluent-kafka."""
 
@@ -156,7 +170,7 @@ class ConfluentIO(KafkaIO):
                     raise KafkaError(str(m.error()))
                 continue
             records.append(Record(m.topic(), m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value(),
-                                  m.headers() or []))
+                                  _headers(m)))
         return records
 
     def _produce(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None,

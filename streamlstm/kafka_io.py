@@ -18,7 +18,7 @@ from kafka import (
     KafkaProducer,
     TopicPartition,
 )
-from kafka.errors import KafkaError
+from kafka.errors import CorruptRecordError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from .config import KafkaConfig
@@ -44,6 +44,10 @@ DLQ_SOURCE = DLQ_PREFIX + "source"
 
 class TopicError(UsageError):
     """A topic the daemon needs is missing or shaped wrongly; the message says what to change."""
+
+
+class UnreadableRecord(UsageError):
+    """kafka-python cannot parse a record of the input topic; the message says what to do."""
 
 
 class Failure(NamedTuple):
@@ -181,7 +185,15 @@ class KafkaIO:
     def poll(self, timeout_ms: int | None = None) -> list[Record]:
         """Records of one poll, partition by partition in offset order."""
         timeout = self.cfg.poll_timeout_ms if timeout_ms is None else timeout_ms
-        batches = self.consumer.poll(timeout_ms=timeout, max_records=self.cfg.max_poll_records)
+        try:
+            batches = self.consumer.poll(timeout_ms=timeout, max_records=self.cfg.max_poll_records)
+        except CorruptRecordError as exc:  # kafka-python 3.0: the next poll would spin for ever, so stop
+            raise UnreadableRecord(
+                f"kafka: kafka-python cannot read a record of {self.cfg.input_topic!r} ({exc}): a corrupt "
+                "batch, or a header name that is not UTF-8 (which Java clients read). Set kafka.client: "
+                "confluent, which reads such a record without its unreadable headers, or move the group past "
+                "it (kafka-consumer-groups --reset-offsets --shift-by 1 on the partition whose lag stopped "
+                "falling)") from None
         return [record for records in batches.values() for record in records]
 
     def _send(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,

@@ -21,6 +21,7 @@ from conftest import (
     offline_predictions,
     produce,
 )
+from kafka import KafkaProducer
 
 from streamlstm.config import KafkaConfig
 from streamlstm.events import REASONS
@@ -168,6 +169,46 @@ def test_hostile_records_are_dead_lettered_and_the_daemon_serves_on(tmp_path, br
     assert http_get(daemon.port, "/healthz") == (200, "ok\n") and http_get(daemon.port, "/readyz")[0] == 200
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.log()
+
+
+class NotUtf8(str):
+    """A header name that kafka-python's producer writes as bytes that are not UTF-8, as a producer in Go
+    or C can (Kafka allows any bytes; Java clients read them leniently)."""
+
+    def encode(self, *args: object, **kwargs: object) -> bytes:
+        return b"\xff\xfe"
+
+
+def produce_around_an_unreadable_header(broker, topic: str) -> None:
+    """An event before, one with an unreadable header name, one after; all on partition 0, in order."""
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    for key, headers in ((b"before", None), (b"odd", [(NotUtf8("trace"), b"1")]), (b"after", None)):
+        producer.send(topic, key=key, value=event_value([1, 2, 3]), headers=headers, partition=0).get(10)
+    producer.close()
+
+
+def test_on_kafka_python_a_record_it_cannot_parse_stops_the_daemon_naming_the_way_on(broker, daemon_factory):
+    """kafka-python cannot parse a header name that is not UTF-8 and, after raising once, would spin in
+    poll() for ever: the daemon stops instead, with exit code 2 and a message that says what to do."""
+    daemon = daemon_factory()
+    ensure_topics(KafkaConfig(**daemon.kafka))
+    produce_around_an_unreadable_header(broker, daemon.topic)
+    daemon.start(wait_ready=False)
+    assert daemon.proc.wait(timeout=60) == 2
+    log = daemon.log()
+    assert "cannot read a record" in log and "kafka.client: confluent" in log and "Traceback" not in log
+    assert [r.key for r in consume_exactly(broker, daemon.kafka["output_topic"], 1)] == [b"before"]
+
+
+def test_on_confluent_kafka_a_header_name_that_is_not_utf8_is_dropped_and_the_event_served(broker, daemon_factory):
+    daemon = daemon_factory(kafka__client="confluent")
+    ensure_topics(KafkaConfig(**daemon.kafka))
+    produce_around_an_unreadable_header(broker, daemon.topic)
+    daemon.start()
+    published = consume_exactly(broker, daemon.kafka["output_topic"], 3)
+    assert [(r.key, r.headers) for r in published] == [(b"before", []), (b"odd", []), (b"after", [])]
+    assert "a header name is not UTF-8" in daemon.log()
+    assert daemon.stop() == 0
 
 
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
