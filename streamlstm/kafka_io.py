@@ -50,6 +50,21 @@ class UnreadableRecord(UsageError):
     """kafka-python cannot parse a record of the input topic; the message says what to do."""
 
 
+UNREADABLE_INPUT = ("Set kafka.client: confluent, which reads such a record without its unreadable headers, or "
+                    "move the group past it (kafka-consumer-groups --reset-offsets --shift-by 1 on the partition "
+                    "whose lag stopped falling)")
+
+
+def poll_batches(consumer: KafkaConsumer, topic: str, remedy: str, **poll: object) -> dict[TopicPartition, list]:
+    """consumer.poll, except that a record kafka-python cannot parse stops us, saying what to do: after
+    raising once, kafka-python 3.0 would spin inside the next poll() for ever."""
+    try:
+        return consumer.poll(**poll)
+    except CorruptRecordError as exc:
+        raise UnreadableRecord(f"kafka: kafka-python cannot read a record of {topic!r} ({exc}): a corrupt batch, or "
+                               f"a header name that is not UTF-8 (which Java clients read). {remedy}") from None
+
+
 class Failure(NamedTuple):
     """The first record of a source partition that the broker refused (after the producer's retries)."""
 
@@ -185,15 +200,8 @@ class KafkaIO:
     def poll(self, timeout_ms: int | None = None) -> list[Record]:
         """Records of one poll, partition by partition in offset order."""
         timeout = self.cfg.poll_timeout_ms if timeout_ms is None else timeout_ms
-        try:
-            batches = self.consumer.poll(timeout_ms=timeout, max_records=self.cfg.max_poll_records)
-        except CorruptRecordError as exc:  # kafka-python 3.0: the next poll would spin for ever, so stop
-            raise UnreadableRecord(
-                f"kafka: kafka-python cannot read a record of {self.cfg.input_topic!r} ({exc}): a corrupt "
-                "batch, or a header name that is not UTF-8 (which Java clients read). Set kafka.client: "
-                "confluent, which reads such a record without its unreadable headers, or move the group past "
-                "it (kafka-consumer-groups --reset-offsets --shift-by 1 on the partition whose lag stopped "
-                "falling)") from None
+        batches = poll_batches(self.consumer, self.cfg.input_topic, UNREADABLE_INPUT, timeout_ms=timeout,
+                               max_records=self.cfg.max_poll_records)
         return [record for records in batches.values() for record in records]
 
     def _send(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,

@@ -11,7 +11,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from .config import KafkaConfig
-from .kafka_io import TopicError, client_settings, isolation_level
+from .kafka_io import TopicError, client_settings, isolation_level, poll_batches
 
 
 class ChangelogReader:
@@ -40,7 +40,9 @@ class ChangelogReader:
     def poll(self, timeout_ms: int) -> list[ConsumerRecord]:
         if not self.consumer.assignment():
             return []
-        batches = self.consumer.poll(timeout_ms=timeout_ms)
+        batches = poll_batches(self.consumer, self.topic, "The changelog is the daemon's own: set "
+                               "state.changelog_topic to a new name (its keys then start from zero state)",
+                               timeout_ms=timeout_ms)
         return [record for records in batches.values() for record in records]
 
     def caught_up(self) -> set[int]:
@@ -81,7 +83,8 @@ def read_topic(cfg: KafkaConfig, topic: str, stall_timeout_s: float = 30.0) -> l
             if time.monotonic() > deadline:
                 raise TopicError(f"topic {topic!r}: no progress reading to its end for {stall_timeout_s:.0f} s "
                                  f"(read {len(records)} records); is {cfg.bootstrap_servers} reachable?")
-            polled = consumer.poll(timeout_ms=200)
+            polled = poll_batches(consumer, topic, "Export its events to a JSONL file with another client and "
+                                  "train with --data", timeout_ms=200)
             for tp in partitions:
                 if tp not in ends and consumer.highwater(tp) is not None:
                     ends[tp] = consumer.highwater(tp)

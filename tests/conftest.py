@@ -175,6 +175,14 @@ def daemon_factory(tmp_path: Path, broker: EmbeddedBroker, model_dir: Path):
             member.kill()
 
 
+class NotUtf8(str):
+    """A header name that kafka-python's producer writes as bytes that are not UTF-8, as a producer in Go
+    or C can (Kafka allows any bytes; Java clients read them leniently)."""
+
+    def encode(self, *args: object, **kwargs: object) -> bytes:
+        return b"\xff\xfe"
+
+
 def produce(broker: EmbeddedBroker, topic: str, messages: list[tuple],
             compression_type: str | None = None) -> None:
     """Messages as (key, value) or (key, value, headers)."""

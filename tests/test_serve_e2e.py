@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 from conftest import (
+    NotUtf8,
     assert_equals_offline,
     consume_exactly,
     event_value,
@@ -169,14 +170,6 @@ def test_hostile_records_are_dead_lettered_and_the_daemon_serves_on(tmp_path, br
     assert http_get(daemon.port, "/healthz") == (200, "ok\n") and http_get(daemon.port, "/readyz")[0] == 200
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.log()
-
-
-class NotUtf8(str):
-    """A header name that kafka-python's producer writes as bytes that are not UTF-8, as a producer in Go
-    or C can (Kafka allows any bytes; Java clients read them leniently)."""
-
-    def encode(self, *args: object, **kwargs: object) -> bytes:
-        return b"\xff\xfe"
 
 
 def produce_around_an_unreadable_header(broker, topic: str) -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import produce, unique
+from conftest import NotUtf8, produce, unique
 
 from streamlstm.config import KafkaConfig, TrainConfig
-from streamlstm.kafka_io import TopicError
+from streamlstm.kafka_io import TopicError, UnreadableRecord
 from streamlstm.topics import ensure_topics
 from streamlstm.training_data import (
     TrainingDataError,
@@ -120,6 +120,16 @@ def test_a_topic_reads_as_the_equivalent_file(broker, tmp_path: Path) -> None:
     assert late.key == "late" and late.ts > 1_600_000_000_000  # the record's timestamp
     with pytest.raises(TopicError, match="does not exist"):
         read_kafka(kafka, unique("absent"))
+
+
+def test_a_topic_record_kafka_python_cannot_parse_stops_training_saying_what_to_do(broker) -> None:
+    topic = unique("train")
+    kafka = KafkaConfig(bootstrap_servers=broker.bootstrap, input_topic=topic, output_topic=f"{topic}-o",
+                        dlq_topic=f"{topic}-d", topic_partitions=1)
+    ensure_topics(kafka)
+    produce(broker, topic, [(b"k", b'{"features": [1.0]}', [(NotUtf8("trace"), b"1")])])
+    with pytest.raises(UnreadableRecord, match="cannot read a record of .* train with --data"):
+        read_kafka(kafka, topic)
 
 
 def test_series_arrays_match_the_events(tmp_path: Path) -> None:
