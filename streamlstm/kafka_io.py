@@ -47,7 +47,7 @@ class TopicError(UsageError):
 
 
 class UnreadableRecord(UsageError):
-    """kafka-python cannot parse a record of the input topic; the message says what to do."""
+    """kafka-python cannot parse a record of a topic it reads; the message says what to do."""
 
 
 UNREADABLE_INPUT = ("Set kafka.client: confluent, which reads such a record without its unreadable headers, or "
