@@ -104,7 +104,7 @@ class Daemon:
         events, spec = self.cfg.events, artifact.spec
         replace = events.invalid_feature == "replace_with_mean"
         self.decoder = EventDecoder(spec.features, events.max_key_bytes, events.max_value_bytes,
-                                    spec.feature_mean if replace else None)
+                                    spec.feature_mean if replace else None, predictor.model.feature_limits())
         self.metrics.model.info({"version": artifact.version, "task": spec.task, "device": str(self.device),
                                  "hidden_size": str(spec.hidden_size), "num_layers": str(spec.num_layers)})
 

@@ -59,13 +59,6 @@ def _finite(value: int | float) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _feature(value: int | float) -> float | None:
-    """The value as a float, or None unless finite in float32, the precision the model computes in (a
-    larger one would enter the step as an infinity)."""
-    number = _finite(value)
-    return number if number is not None and -FLOAT32_MAX <= number <= FLOAT32_MAX else None
-
-
 def _timestamp(value: int | float) -> int | None:
     """Epoch milliseconds as an int, or None unless finite and within Kafka's signed 64-bit timestamps
     (a larger one would overflow the state table's int64 times)."""
@@ -85,13 +78,11 @@ def parse_json(text: str | bytes) -> Any:
         raise ValueError("nested too deeply to parse") from None
 
 
-def _wire_decoder(count: int) -> msgspec.json.Decoder:
-    """Decodes and checks, in C, the common shape of a valid event: `features` as a list of `count`
-    numbers finite in float32, optional `ts`, `reset` and `end`, nothing else. msgspec refuses NaN and
-    out-of-range numbers, so whatever it accepts the full checks would accept identically."""
-
-    value = Annotated[float, msgspec.Meta(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
-    features = Annotated[list[value], msgspec.Meta(min_length=count, max_length=count)]
+def _wire_decoder(limits: Sequence[tuple[float, float]]) -> msgspec.json.Decoder:
+    """Decodes and checks, in C, the common shape of a valid event: `features` as an array of one
+    number a feature, each within its limits, optional `ts`, `reset` and `end`, nothing else. msgspec
+    refuses NaN and numbers out of range, so whatever it accepts the full checks would accept identically."""
+    features = tuple[tuple(Annotated[float, msgspec.Meta(ge=lo, le=hi)] for lo, hi in limits)]
     fields = [("features", features), ("ts", int | float | None, None), ("reset", bool, False), ("end", bool, False)]
     return msgspec.json.Decoder(msgspec.defstruct("WireEvent", fields, forbid_unknown_fields=True))
 
@@ -99,21 +90,26 @@ def _wire_decoder(count: int) -> msgspec.json.Decoder:
 class EventDecoder:
     """Checks events against the model's feature names; features come out in the model's order.
 
-    With `replacements` (the training means, one per feature), a non-numeric, NaN or infinite feature
-    value is replaced instead of rejecting the event.
+    `limits` (the model's feature_limits) bound each feature's value: beyond them the model's float32
+    step would overflow and the key's state turn NaN for good. Without them, float32's range. With
+    `replacements` (the training means, one per feature), a non-numeric or non-finite feature value, or
+    one beyond its limits, is replaced instead of rejecting the event.
 
     Speed: an event in the common shape is decoded by msgspec in well under a microsecond; any other
     (features by name, control-only, or invalid) takes the full checks, which name the reason.
     """
 
     def __init__(self, feature_names: Sequence[str], max_key_bytes: int = 1 << 30, max_value_bytes: int = 1 << 30,
-                 replacements: Sequence[float] | None = None) -> None:
+                 replacements: Sequence[float] | None = None,
+                 limits: Sequence[tuple[float, float]] | None = None) -> None:
         self.names = tuple(feature_names)
         self._index = {name: i for i, name in enumerate(self.names)}
         self.max_key_bytes = max_key_bytes
         self.max_value_bytes = max_value_bytes
         self.replacements = None if replacements is None else tuple(float(v) for v in replacements)
-        self._wire = _wire_decoder(len(self.names))
+        self.limits = tuple((max(lo, -FLOAT32_MAX), min(hi, FLOAT32_MAX))
+                            for lo, hi in (limits or [(-FLOAT32_MAX, FLOAT32_MAX)] * len(self.names)))
+        self._wire = _wire_decoder(self.limits)
 
     def decode(self, key: bytes | None, value: bytes | None) -> Event | Rejection:
         if not key:
@@ -133,7 +129,7 @@ class EventDecoder:
             wire = self._wire.decode(value)
             ts = None if wire.ts is None else _timestamp(wire.ts)
             if wire.ts is None or ts is not None:
-                return Event(key_text, wire.features, ts, wire.reset, wire.end)
+                return Event(key_text, list(wire.features), ts, wire.reset, wire.end)
         except (UnicodeDecodeError, msgspec.DecodeError):
             pass  # the full checks below say why
         try:
@@ -198,17 +194,21 @@ class EventDecoder:
         else:
             return Rejection("missing_features", f"'features' must be a list or an object, got {type(raw).__name__}")
         out, replaced = [], 0
-        for i, (name, v) in enumerate(zip(self.names, values)):
-            number = _feature(v) if _is_number(v) else None
-            if number is None and self.replacements is not None:
-                number = self.replacements[i]
+        for i, (name, v, (lo, hi)) in enumerate(zip(self.names, values, self.limits)):
+            number = _finite(v) if _is_number(v) else None
+            if number is not None and lo <= number <= hi:
+                out.append(number)
+            elif self.replacements is not None:
+                out.append(self.replacements[i])
                 replaced += 1
             elif not _is_number(v):
                 return Rejection("non_numeric_feature", f"feature {name!r} is {v!r:.40}, not a number")
-            elif number is None:
+            elif number is None or abs(number) > FLOAT32_MAX:
                 return Rejection("non_finite_feature", f"feature {name!r} is {v!r:.40}: not a finite float32 (the "
                                  f"model's precision: at most {FLOAT32_MAX:.7g} in magnitude)")
-            out.append(number)
+            else:
+                return Rejection("non_finite_feature", f"feature {name!r} is {v!r:.40}: so far from its training "
+                                 f"mean that the model's float32 step would overflow (its limits: {lo:.4g} to {hi:.4g})")
         return out, replaced
 
 

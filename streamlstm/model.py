@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 TASKS = ("regression", "classification")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each [layers, keys, hidden]
 
 
@@ -55,6 +56,24 @@ class LSTMForecaster(nn.Module):
         scales = spec.target_std or (1.0,) * spec.output_size
         self.register_buffer("target_mean", torch.tensor(targets, dtype=torch.float32), persistent=False)
         self.register_buffer("target_std", torch.tensor(scales, dtype=torch.float32), persistent=False)
+
+    def feature_limits(self) -> tuple[tuple[float, float], ...]:
+        """Per feature, the raw values within which a step cannot overflow float32.
+
+        A feature far enough out (float32's maximum, a common "no data" sentinel, with input weights
+        above 1) took the first layer's gates to inf - inf = NaN, and its key's state to NaN for good.
+        Within these limits every normalised input is at most `reach` in magnitude, so each gate's
+        pre-activation, at most sum|W_ih| * reach + sum|W_hh| + |b| since |h| <= 1, stays under half of
+        float32's range (the rest is margin for rounding). Deeper layers take h, within [-1, 1], and c
+        grows by at most 1 a step: neither can overflow. Typically reach is ~1e37 standard deviations.
+        """
+        lstm = self.lstm
+        w_ih = lstm.weight_ih_l0.detach().double().abs().sum(1)
+        rest = lstm.weight_hh_l0.detach().double().abs().sum(1) + (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().double().abs()
+        reach = max(((FLOAT32_MAX / 2 - rest) / w_ih.clamp(min=1.0)).min().item(), 0.0)
+        spreads = (min(reach * std, FLOAT32_MAX / 4) for std in self.spec.feature_std)
+        return tuple((max(mean - s, -FLOAT32_MAX), min(mean + s, FLOAT32_MAX))
+                     for mean, s in zip(self.spec.feature_mean, spreads))
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.feature_mean) / self.feature_std

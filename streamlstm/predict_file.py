@@ -28,7 +28,7 @@ def predict_file(model_dir: str | Path, data: str | Path, out: TextIO) -> tuple[
     features) a line saying its key's state was dropped. Returns (events, rejected).
     """
     artifact = load_artifact(model_dir)
-    decoder = EventDecoder(artifact.spec.features)
+    decoder = EventDecoder(artifact.spec.features, limits=artifact.model.feature_limits())
     decoded = [(n, decode_line(decoder, obj, frozenset({LABEL_FIELD}))) for n, obj in read_event_lines(data)]
     events = [d for _, d in decoded if isinstance(d, Event)]
     predictions, steps = score_events(artifact, events)

@@ -79,6 +79,20 @@ def test_features_at_float32s_limits_are_accepted():
     assert decoder.decode(b"k", b'{"features": [%r, %r]}' % (biggest, -biggest)).features == [biggest, -biggest]
 
 
+@pytest.mark.parametrize("features", ['[1, 2.5e30]', '[-7.1e29, 2]', '{"a": 1, "b": 2.5e30}'])
+def test_features_beyond_the_models_limits_are_rejected_by_name_or_replaced(features):
+    """Limits per feature, inclusive, on the fast path (a list) and the full checks (by name) alike."""
+    limited = EventDecoder(["a", "b"], limits=[(-7e29, 7e29), (-2e30, 2e30)])
+    assert limited.decode(b"k", b'{"features": [-7e29, 2e30]}').features == [-7e29, 2e30]
+    assert limited.decode(b"k", b'{"features": {"a": 7e29, "b": -2e30}}').features == [7e29, -2e30]
+    value = b'{"features": %s}' % features.encode()
+    rejection = limited.decode(b"k", value)
+    assert rejection.reason == "non_finite_feature" and "overflow" in rejection.detail
+    assert "'a'" in rejection.detail or "'b'" in rejection.detail
+    replacing = EventDecoder(["a", "b"], replacements=[5.0, 6.0], limits=[(-7e29, 7e29), (-2e30, 2e30)])
+    assert replacing.decode(b"k", value).replaced == 1
+
+
 @pytest.mark.parametrize("ts", [2**63, -(2**63) - 1, 1e300, -1e300])
 def test_timestamps_beyond_kafkas_64_bit_range_are_rejected(ts):
     """A Kafka timestamp is a signed 64-bit count of milliseconds; a later one would overflow the

@@ -135,6 +135,7 @@ def hostile_records(rng: random.Random) -> list[tuple[bytes | None, bytes | None
         (b"h", b"[" * 3000), (b"h", b'{"features": ' * 3000 + b"1" + b"}" * 3000),  # nested too deep to parse
         (b"h", b'{"features": [1, 2, 3], "ts": 1e300}'), (b"h", b'{"features": [1, 2, 3], "ts": %d}' % 2**64),
         (b"h", b'{"features": [1e39, 2, 3]}'), (b"h", b'{"features": [1, %d, 3]}' % 10**400),
+        (b"h", b'{"features": [3.4028234663852886e38, -3.4028234663852886e38, 3e38]}'),  # beyond the model's limits
         (b"h", None), (b"h", b""), (None, event_value([1, 2, 3])),
         *((rng.randbytes(rng.randrange(8)), rng.randbytes(rng.randrange(300))) for _ in range(40)),
     ]

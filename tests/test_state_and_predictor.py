@@ -1,12 +1,13 @@
 """The state table and the streaming predictor, without Kafka."""
 
+import itertools
 import random
 
 import numpy as np
 import torch
 
 from streamlstm.artifact import load_artifact
-from streamlstm.events import Event
+from streamlstm.events import FLOAT32_MAX, Event, EventDecoder, Rejection
 from streamlstm.offline import score_events
 from streamlstm.predictor import StreamingPredictor, step_rounds
 from streamlstm.state import StateTable
@@ -100,3 +101,36 @@ def test_streaming_in_random_polls_equals_offline_whole_sequences_with_resets(mo
     expected, expected_steps = score_events(artifact, events)
     np.testing.assert_allclose(np.concatenate(outputs), expected, atol=1e-5, rtol=0)
     assert np.array_equal(np.concatenate(steps), expected_steps)
+
+
+def amplified(model_dir):
+    """The test model with input weights x1000 (row sums of |W_ih| up to ~660)."""
+    artifact = load_artifact(model_dir, CPU)
+    with torch.no_grad():
+        artifact.model.lstm.weight_ih_l0.mul_(1000)
+    return artifact
+
+
+def test_no_event_the_decoder_accepts_can_make_a_keys_state_non_finite(model_dir):
+    """Input weights above 1 turned a feature at float32's maximum (a "no data" sentinel) into gates of
+    inf - inf = NaN, and the key's state into NaN for good. The model's feature limits keep every step
+    finite: at every corner of the limits, from zero and from states the corners saturated."""
+    sentinel = [FLOAT32_MAX, -FLOAT32_MAX, FLOAT32_MAX]
+    unguarded = StreamingPredictor(amplified(model_dir), CPU)
+    assert not np.isfinite(unguarded.advance([(0, "k")], [sentinel]).predictions).all()
+
+    artifact = amplified(model_dir)
+    limits = artifact.model.feature_limits()
+    decoder = EventDecoder(artifact.spec.features, limits=limits)
+    assert isinstance(decoder.decode(b"k", b'{"features": %r}' % sentinel), Rejection)
+    corners = [list(c) for c in itertools.product(*limits)]
+    keys = [(0, f"corner-{i}") for i in range(len(corners))]
+    predictor = StreamingPredictor(artifact, CPU)
+    for features in (corners, corners[::-1], corners):
+        events = [decoder.decode(b"k", b'{"features": %r}' % f) for f in features]
+        assert all(isinstance(e, Event) for e in events)
+        for key, event in zip(keys, events):  # one key a step: another matmul kernel than a batch's
+            assert np.isfinite(predictor.advance([key], [event.features]).predictions).all()
+        assert np.isfinite(predictor.advance(keys, [e.features for e in events]).predictions).all()
+    h, c = predictor.table.gather(predictor.table.rows(keys))
+    assert torch.isfinite(h).all() and torch.isfinite(c).all()
