@@ -179,7 +179,7 @@ def _coerce(name: str, kind: type, value: Any, origin: str) -> Any:
         list: isinstance(value, list),
     }[kind]
     if not ok:
-        raise ConfigError(f"config: {name}: expected {kind.__name__}, got {value!r} (from {origin})")
+        raise ConfigError(f"config: {name}: expected {kind.__name__}, got {value!r:.80} (from {origin})")
     return float(value) if kind is float else value
 
 
@@ -191,7 +191,7 @@ def _parse_text(kind: type, text: str) -> Any:
         return text.lower() in ("true", "yes", "1", "on")
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # PyYAML recurses once a nesting level
         return text
 
 
@@ -262,6 +262,8 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
         raise ConfigError(f"config: file {path} does not exist; pass an existing file to --config") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config: {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:  # PyYAML recurses once a nesting level
+        raise ConfigError(f"config: {path} nests too deeply to parse; a config is sections of keys") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

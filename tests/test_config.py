@@ -63,6 +63,8 @@ def assert_stops_startup(result: subprocess.CompletedProcess, *named: str) -> No
     (["state.checkpoint_interval_ms=-5"], {}, "state.checkpoint_interval_ms"),  # a negative interval
     (["model.device=tpu"], {}, "model.device"),  # not one of the choices
     (["no-equals-sign"], {}, "section.key=value"),
+    (["model.cpu_threads=" + "[" * 5000], {}, "model.cpu_threads"),  # PyYAML raised RecursionError
+    ([], {"STREAMLSTM_MODEL__CPU_THREADS": "[" * 5000}, "model.cpu_threads"),  # likewise
 ])
 def test_each_bad_setting_stops_startup_naming_the_key(sets, env, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -76,6 +78,7 @@ def test_each_bad_setting_stops_startup_naming_the_key(sets, env, message):
     ("kafka: [1, 2\n", "not valid YAML"),
     ("kafka:\n  bootstrap_server: 127.0.0.1:1\n", "kafka.bootstrap_server"),  # unknown key
     ("- a list\n", "mapping"),  # not a mapping of sections
+    ("kafka: " + "[" * 5000 + "\n", "nests too deeply"),  # PyYAML raised RecursionError: a traceback
 ])
 def test_each_bad_config_file_stops_startup_naming_the_file_and_key(tmp_path, text, named):
     file = tmp_path / "c.yaml"
