@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -68,6 +69,11 @@ def save_artifact(model: LSTMForecaster, out: str | Path, training: dict[str, An
     return version
 
 
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity."""
+    return sorted(name for name, t in tensors.items() if not torch.isfinite(t).all())
+
+
 def newest_artifact(path: str | Path) -> Path:
     """The artifact that model.path names: the directory itself if it holds a model.json, else its
     sub-directory whose model.json is newest. Hidden entries are skipped: save_artifact writes there."""
@@ -104,12 +110,27 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def _finite_numbers(values: Any) -> bool:
+    return isinstance(values, tuple) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def _names(values: Any) -> bool:
+    return isinstance(values, tuple) and all(isinstance(v, str) for v in values) and len(set(values)) == len(values)
+
+
 def _spec(meta: dict[str, Any], file: Path) -> ModelSpec:
     raw = meta.get("spec")
     try:
         spec = ModelSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     except (AttributeError, TypeError) as exc:
         raise ArtifactError(f"model: {file}: 'spec' is malformed ({exc})") from None
+    # Checked first: the checks below take these for tuples of names and numbers.
+    if not (_names(spec.features) and _names(spec.outputs)):
+        raise ArtifactError(f"model: {file}: features and outputs must be lists of distinct names")
+    stats = ("feature_mean", "feature_std", "target_mean", "target_std")
+    if bad := [name for name in stats if not _finite_numbers(getattr(spec, name))]:
+        raise ArtifactError(f"model: {file}: {', '.join(bad)}: each must be a list of finite numbers")
     n_in, n_out = spec.input_size, spec.output_size
     problems = [
         spec.task not in TASKS and f"task {spec.task!r} is not one of {TASKS}",
@@ -154,6 +175,9 @@ def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> Artif
         diff = sorted(set(expected.items()) ^ set(found.items()))
         raise ArtifactError(f"model: {weights_file} does not match the architecture in {META_FILE}: "
                             f"differing tensors {diff[:4]}")
+    if bad := non_finite_tensors(tensors):
+        raise ArtifactError(f"model: {weights_file}: tensors {bad[:4]} hold NaN or infinite values (training "
+                            "diverged?); every prediction would be NaN: retrain, e.g. with a lower train.learning_rate")
     model.load_state_dict(tensors)
     model.eval()
     return Artifact(model.to(device), meta["version"], meta.get("training", {}), path)

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from .artifact import Artifact, load_artifact, save_artifact
+from .artifact import Artifact, load_artifact, non_finite_tensors, save_artifact
 from .config import TrainConfig
+from .errors import UsageError
 from .evaluate import validation_metrics
 from .model import LSTMForecaster, ModelSpec
 from .progress import ProgressBar
@@ -189,6 +190,10 @@ def fit(model: LSTMForecaster, series: list[KeySeries], cfg: TrainConfig, checkp
     return history
 
 
+class TrainingDiverged(UsageError):
+    """The weights went to NaN or infinity: nothing is written, so no daemon can load them."""
+
+
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """Train on one intra-op thread, restoring the caller's count afterwards.
@@ -243,6 +248,10 @@ def train(data: str | Path | TrainingData, out: str | Path, cfg: TrainConfig, lo
     checkpoint = TrainingCheckpoint(checkpoint_path(out), fingerprint(spec, series, cfg))
     with _one_thread():
         history = fit(model, series, cfg, checkpoint, resume, log, ProgressBar(progress))
+        if bad := non_finite_tensors(model.state_dict()):
+            raise TrainingDiverged(f"train: the weights diverged to NaN or infinity ({', '.join(bad[:4])}); nothing "
+                                   f"written to {out}: lower train.learning_rate (was {cfg.learning_rate}) or set "
+                                   f"train.grad_clip (was {cfg.grad_clip})")
         # scored in memory before saving: the metrics go into model.json, and the version ignores them
         metrics = validation_metrics(Artifact(model, "", {}, out), data, series, column)
     best = history.best_epoch - 1

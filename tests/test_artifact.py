@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import make_model
 from test_config import DOCUMENTED
 
@@ -54,6 +55,20 @@ def _damage(path, fault):
     elif fault == "stats_mismatch":
         meta["spec"]["feature_mean"] = [0.0]
         meta_file.write_text(json.dumps(meta))
+    elif fault == "stats_not_numbers":  # a TypeError traceback before
+        meta["spec"]["feature_std"] = ["a", 1, 1]
+        meta_file.write_text(json.dumps(meta))
+    elif fault == "stats_not_finite":
+        meta["spec"]["target_std"] = [float("nan")]
+        meta_file.write_text(json.dumps(meta))
+    elif fault == "duplicate_features":
+        meta["spec"]["features"] = ["load", "load", "hour"]
+        meta_file.write_text(json.dumps(meta))
+    elif fault == "nan_weights":  # a consistent artifact, as a diverged training run would write: served NaN before
+        model = load_artifact(path).model
+        with torch.no_grad():
+            model.head.weight[0, 0] = float("nan")
+        save_artifact(model, path, {})
 
 
 @pytest.mark.parametrize("fault,file,words", [
@@ -66,6 +81,10 @@ def _damage(path, fault):
     ("format_version", META_FILE, "format_version 99"),
     ("shape_mismatch", "", "does not match"),
     ("stats_mismatch", META_FILE, "feature_mean"),
+    ("stats_not_numbers", META_FILE, "feature_std: each must be a list of finite numbers"),
+    ("stats_not_finite", META_FILE, "target_std: each must be a list of finite numbers"),
+    ("duplicate_features", META_FILE, "distinct names"),
+    ("nan_weights", WEIGHTS_FILE, "NaN or infinite"),
 ])
 def test_each_fault_stops_startup_naming_the_file(tmp_path, fault, file, words):
     path = make_model(tmp_path / "m")

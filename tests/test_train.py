@@ -24,7 +24,7 @@ from streamlstm.events import EventDecoder, decode_line, read_event_lines
 from streamlstm.model import LSTMForecaster
 from streamlstm.offline import score_events
 from streamlstm.topics import ensure_topics
-from streamlstm.train import checkpoint_path, train
+from streamlstm.train import TrainingDiverged, checkpoint_path, train
 from streamlstm.train_checkpoint import History, TrainingCheckpoint
 from streamlstm.training_data import class_names, feature_names
 
@@ -323,3 +323,11 @@ def test_truncated_bptt_carries_the_state_across_chunks(sine_file: Path) -> None
     whole = torch.nn.functional.mse_loss(model(batch.inputs)[batch.mask], batch.targets[batch.mask]).item()
     total, count = train_batch(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, cfg)
     assert count == int(batch.mask.sum()) and total / count == pytest.approx(whole, rel=1e-5)
+
+
+def test_training_that_diverges_writes_no_model(sine_file: Path, tmp_path: Path) -> None:
+    """Weights gone to NaN would load and predict NaN for every event: training stops, naming the settings."""
+    out = tmp_path / "m"
+    with pytest.raises(TrainingDiverged, match="train.learning_rate"):
+        train(sine_file, out, replace(SMALL, epochs=2, learning_rate=1e30, grad_clip=0.0), log=quiet)
+    assert not out.exists()
