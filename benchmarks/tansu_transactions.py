@@ -54,7 +54,7 @@ from kafka.record import MemoryRecords
 from kafka.structs import ConsumerGroupMetadata, MemberState, OffsetAndMetadata
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from streamlstm.broker import EmbeddedBroker  # noqa: E402
+from streamlstm.demo.broker import EmbeddedBroker  # noqa: E402
 
 CHECK_TIMEOUT_S = 20.0
 IDLE_S = 1.5           # a read stops once the position has not moved for this long

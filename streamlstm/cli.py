@@ -8,33 +8,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from .config import load_config
 from .errors import UsageError
 from .logs import configure_logging
+from .signals import on_stop_signals
 
 USAGE_ERROR = 2
-
-
-def on_stop_signals(stop: Callable[[], None]) -> None:
-    """SIGTERM (Kubernetes) and SIGINT (Ctrl-C) both mean: finish cleanly."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     configure_logging(cfg.log.level, cfg.log.format)
     if cfg.serve.workers > 1:
-        from .workers import serve_workers
+        from .serving.supervisor import serve_workers
 
         return serve_workers(cfg)
-    from .daemon import Daemon
+    from .serving.daemon import Daemon
 
     daemon = Daemon(cfg)
     on_stop_signals(daemon.stop)
@@ -45,8 +39,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     configure_logging(cfg.log.level, cfg.log.format)
-    from .train import train
-    from .training_data import read_kafka
+    from .training.data import read_kafka
+    from .training.train import train
 
     data = read_kafka(cfg.kafka, args.topic) if args.topic else args.data
     artifact = train(data, args.out, cfg.train, log=lambda line: print(line, file=sys.stderr, flush=True),
@@ -56,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict_file import predict_file
+    from .training.predict import predict_file
 
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
@@ -69,7 +63,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from .broker import EmbeddedBroker
+    from .demo.broker import EmbeddedBroker
 
     stop = threading.Event()
     on_stop_signals(stop.set)
@@ -83,7 +77,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     return run_demo(Path(args.workdir) if args.workdir else None)
 

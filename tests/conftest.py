@@ -26,9 +26,9 @@ if not torch.cuda.is_available():
     # when a kernel is defined, so it is set before any test module imports fused_cell.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from streamlstm.artifact import save_artifact  # noqa: E402
-from streamlstm.broker import EmbeddedBroker, free_port
-from streamlstm.model import LSTMForecaster, ModelSpec
+from streamlstm.demo.broker import EmbeddedBroker, free_port
+from streamlstm.model.artifact import save_artifact  # noqa: E402
+from streamlstm.model.network import LSTMForecaster, ModelSpec
 
 FEATURES = ("load", "temp", "hour")
 

@@ -10,7 +10,7 @@ import torch
 from conftest import make_model
 from test_config import DOCUMENTED
 
-from streamlstm.artifact import (
+from streamlstm.model.artifact import (
     META_FILE,
     WEIGHTS_FILE,
     ArtifactError,

@@ -23,8 +23,8 @@ from conftest import (
 )
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from streamlstm.broker import EmbeddedBroker, free_port
-from streamlstm.kafka_io import DLQ_DETAIL, DLQ_REASON
+from streamlstm.demo.broker import EmbeddedBroker, free_port
+from streamlstm.transport.kafka_python import DLQ_DETAIL, DLQ_REASON
 
 OUTAGE_S = 5  # longer than the daemon's first backoffs (1, 2 s): it retries through the outage
 

@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
-from streamlstm import changelog
-from streamlstm.changelog import PartitionRestore
-from streamlstm.state import Rows, StateTable
+from streamlstm.state import changelog
+from streamlstm.state.changelog import PartitionRestore
+from streamlstm.state.table import Rows, StateTable
 
 CPU = torch.device("cpu")
 

@@ -16,9 +16,9 @@ from conftest import (
 )
 
 from streamlstm.config import ConfigError, KafkaConfig, load_config
-from streamlstm.confluent_io import producer_config
-from streamlstm.kafka_io import producer_settings
-from streamlstm.topics import ensure_topics
+from streamlstm.transport.admin import ensure_topics
+from streamlstm.transport.confluent import producer_config
+from streamlstm.transport.kafka_python import producer_settings
 
 CODECS = ("gzip", "snappy", "lz4", "zstd")
 

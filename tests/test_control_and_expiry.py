@@ -7,8 +7,8 @@ import json
 from conftest import daemon_metric, offline_predictions, read_all
 from kafka import KafkaProducer
 
-from streamlstm.changelog import TOMBSTONE_OFFSET
 from streamlstm.config import KafkaConfig, StateConfig
+from streamlstm.state.changelog import TOMBSTONE_OFFSET
 
 T0 = 1_700_000_000_000
 

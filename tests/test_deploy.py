@@ -15,9 +15,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from streamlstm.artifact import load_artifact, newest_artifact
 from streamlstm.config import load_config
-from streamlstm.kafka_io import CONSUMER_CALL_TIMEOUT_MS, PRODUCER_SETTINGS
+from streamlstm.model.artifact import load_artifact, newest_artifact
+from streamlstm.transport.kafka_python import (
+    CONSUMER_CALL_TIMEOUT_MS,
+    PRODUCER_SETTINGS,
+)
 from tests.conftest import FEATURES
 
 ROOT = Path(__file__).parent.parent

@@ -27,9 +27,9 @@ from conftest import (
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 
-from streamlstm import changelog
 from streamlstm.config import KafkaConfig, StateConfig
-from streamlstm.topics import ensure_changelog, ensure_topics
+from streamlstm.state import changelog
+from streamlstm.transport.admin import ensure_changelog, ensure_topics
 
 BASE_TS = 1_700_000_000_000
 # A killed or frozen daemon holds its partitions until its session expires, and the group's join then

@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from streamlstm.artifact import Artifact
-from streamlstm.cell import layer_weights, lstm_step
-from streamlstm.fused_cell import (
+from streamlstm.model.artifact import Artifact
+from streamlstm.model.cell import layer_weights, lstm_step
+from streamlstm.model.fused_cell import (
     fused_available,
     fused_layer_step,
     fused_weights,
     triton,
 )
-from streamlstm.graphed_step import GraphedStep
-from streamlstm.model import LSTMForecaster, ModelSpec
-from streamlstm.predictor import StreamingPredictor
-from streamlstm.state import Rows, StateTable
+from streamlstm.model.graphed_step import GraphedStep
+from streamlstm.model.network import LSTMForecaster, ModelSpec
+from streamlstm.model.predictor import StreamingPredictor
+from streamlstm.state.table import Rows, StateTable
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -48,8 +48,8 @@ def test_a_cpu_daemon_never_loads_triton(tmp_path):
     """CUDA builds of torch bring Triton, on machines without a GPU too: a CPU daemon must not pay for it
     (import time, memory, and lines that are not log records at its exit)."""
     pytest.importorskip("triton")
-    code = ("import sys, torch; from conftest import make_model; import streamlstm.daemon; "
-            "from streamlstm.artifact import load_artifact; from streamlstm.predictor import StreamingPredictor; "
+    code = ("import sys, torch; from conftest import make_model; import streamlstm.serving.daemon; "
+            "from streamlstm.model.artifact import load_artifact; from streamlstm.model.predictor import StreamingPredictor; "
             f"artifact = load_artifact(make_model({str(tmp_path / 'model')!r})); "
             "StreamingPredictor(artifact, torch.device('cpu')).advance([(0, 'k')], [[1.0, 2.0, 3.0]]); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'))")

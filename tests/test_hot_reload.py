@@ -20,7 +20,7 @@ from conftest import (
 )
 from kafka import KafkaProducer
 
-from streamlstm.artifact import WEIGHTS_FILE, load_artifact
+from streamlstm.model.artifact import WEIGHTS_FILE, load_artifact
 
 KEYS = 20
 

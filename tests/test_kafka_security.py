@@ -4,7 +4,7 @@ import pytest
 from kafka import KafkaConsumer
 
 from streamlstm.config import ConfigError, load_config
-from streamlstm.kafka_io import client_settings
+from streamlstm.transport.kafka_python import client_settings
 
 
 def test_secret_environment_reaches_the_client_settings():

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
 from streamlstm.events import REASONS
-from streamlstm.metrics import (
+from streamlstm.serving.metrics import (
     DROP_REASONS,
     LATENCY_BUCKETS,
     RELOAD_RESULTS,

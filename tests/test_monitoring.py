@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streamlstm.broker import free_port
+from streamlstm.demo.broker import free_port
 from tests.conftest import (
     DaemonProcess,
     daemon_metric,

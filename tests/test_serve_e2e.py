@@ -26,8 +26,8 @@ from kafka import KafkaProducer
 
 from streamlstm.config import KafkaConfig
 from streamlstm.events import REASONS
-from streamlstm.kafka_io import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE
-from streamlstm.topics import ensure_topics
+from streamlstm.transport.admin import ensure_topics
+from streamlstm.transport.kafka_python import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE
 
 KEYS, GOOD_EVENTS = 160, 2400
 MAX_VALUE_BYTES = 65536  # events.max_value_bytes, the default
@@ -252,7 +252,7 @@ def test_stop_signals_end_the_daemon_cleanly_and_commit(broker, daemon_factory):
 
 
 def test_broker_command_stops_cleanly_and_leaves_no_process(tmp_path):
-    from streamlstm.broker import free_port
+    from streamlstm.demo.broker import free_port
 
     port = free_port()
     for sig in (signal.SIGTERM, signal.SIGINT):

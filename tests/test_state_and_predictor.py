@@ -6,11 +6,11 @@ import random
 import numpy as np
 import torch
 
-from streamlstm.artifact import load_artifact
 from streamlstm.events import FLOAT32_MAX, Event, EventDecoder, Rejection
-from streamlstm.offline import score_events
-from streamlstm.predictor import StreamingPredictor, step_rounds
-from streamlstm.state import StateTable
+from streamlstm.model.artifact import load_artifact
+from streamlstm.model.predictor import StreamingPredictor, step_rounds
+from streamlstm.state.table import StateTable
+from streamlstm.training.reference import score_events
 
 CPU = torch.device("cpu")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from streamlstm.cell import layer_weights, lstm_step
+from streamlstm.model.cell import layer_weights, lstm_step
 
 
 @pytest.mark.parametrize("input_size,hidden_size,num_layers,batch", [

@@ -18,15 +18,15 @@ import pytest
 import torch
 from conftest import produce, unique, wait_until
 
-from streamlstm.artifact import load_artifact
 from streamlstm.config import KafkaConfig, TrainConfig
 from streamlstm.events import EventDecoder, decode_line, read_event_lines
-from streamlstm.model import LSTMForecaster
-from streamlstm.offline import score_events
-from streamlstm.topics import ensure_topics
-from streamlstm.train import TrainingDiverged, checkpoint_path, train
-from streamlstm.train_checkpoint import History, TrainingCheckpoint
-from streamlstm.training_data import class_names, feature_names
+from streamlstm.model.artifact import load_artifact
+from streamlstm.model.network import LSTMForecaster
+from streamlstm.training.checkpoint import History, TrainingCheckpoint
+from streamlstm.training.data import class_names, feature_names
+from streamlstm.training.reference import score_events
+from streamlstm.training.train import TrainingDiverged, checkpoint_path, train
+from streamlstm.transport.admin import ensure_topics
 
 SMALL = TrainConfig(hidden_size=12, num_layers=1, epochs=25, learning_rate=0.02, batch_keys=16, holdout_events=8)
 
@@ -309,8 +309,8 @@ def test_a_progress_bar_shows_each_epoch_and_the_running_loss(sine_file: Path, t
 def test_truncated_bptt_carries_the_state_across_chunks(sine_file: Path) -> None:
     """With the weights frozen (lr 0), the chunked training loss equals the loss of whole histories from
     zero state: each chunk starts where the previous one left h and c, as the daemon's state does."""
-    from streamlstm.train import build_spec, train_batch, training_batches
-    from streamlstm.training_data import key_series, model_outputs, read_jsonl
+    from streamlstm.training.data import key_series, model_outputs, read_jsonl
+    from streamlstm.training.train import build_spec, train_batch, training_batches
 
     cfg = replace(SMALL, tbptt_steps=7)
     data = read_jsonl(sine_file)

@@ -14,15 +14,15 @@ import pytest
 from conftest import NotUtf8, produce, unique
 
 from streamlstm.config import KafkaConfig, TrainConfig
-from streamlstm.kafka_io import TopicError, UnreadableRecord
-from streamlstm.topics import ensure_topics
-from streamlstm.training_data import (
+from streamlstm.training.data import (
     TrainingDataError,
     key_series,
     read_csv,
     read_jsonl,
     read_kafka,
 )
+from streamlstm.transport.admin import ensure_topics
+from streamlstm.transport.kafka_python import TopicError, UnreadableRecord
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:

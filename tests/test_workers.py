@@ -21,8 +21,8 @@ from conftest import (
 )
 
 from streamlstm.config import KafkaConfig, load_config
-from streamlstm.topics import ensure_topics
-from streamlstm.workers import worker_config
+from streamlstm.serving.supervisor import worker_config
+from streamlstm.transport.admin import ensure_topics
 
 KEYS, EVENTS = 300, 3000
 

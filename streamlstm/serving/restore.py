@@ -13,11 +13,11 @@ import time
 
 from kafka import TopicPartition
 
-from .changelog import PartitionRestore
-from .kafka_io import KafkaIO
+from ..state.changelog import PartitionRestore
+from ..state.table import StateTable
+from ..transport.kafka_python import KafkaIO
+from ..transport.readers import ChangelogReader
 from .metrics import Metrics
-from .state import StateTable
-from .topic_readers import ChangelogReader
 
 log = logging.getLogger(__name__)
 

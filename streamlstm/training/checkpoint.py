@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
-from .model import ModelSpec
-from .training_data import KeySeries, TrainingDataError
+from ..config import TrainConfig
+from ..model.network import ModelSpec
+from .data import KeySeries, TrainingDataError
 
 Weights = dict[str, torch.Tensor]
 

@@ -21,11 +21,11 @@ from typing import NamedTuple
 from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from . import changelog
-from .config import StateConfig
-from .kafka_io import Failure, KafkaIO
+from ..config import StateConfig
+from ..state import changelog
+from ..state.table import StateTable
+from ..transport.kafka_python import Failure, KafkaIO
 from .metrics import Metrics
-from .state import StateTable
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import time
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from .config import KafkaConfig
-from .kafka_io import TopicError, client_settings, isolation_level, poll_batches
+from ..config import KafkaConfig
+from .kafka_python import TopicError, client_settings, isolation_level, poll_batches
 
 
 class ChangelogReader:

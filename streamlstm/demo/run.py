@@ -21,11 +21,11 @@ import numpy as np
 import yaml
 from kafka import KafkaConsumer, KafkaProducer
 
+from ..config import Config, KafkaConfig, TrainConfig
+from ..training.train import train
+from ..transport.admin import ensure_topics
 from .broker import EmbeddedBroker, die_with_parent, free_port
-from .config import Config, KafkaConfig, TrainConfig
-from .datasets import TourismFiles, tail_mae, write_tourism_events
-from .topics import ensure_topics
-from .train import train
+from .tourism import TourismFiles, tail_mae, write_tourism_events
 
 # Chosen on the in-sample holdout (val MAE 0.148 vs naive 0.372; 32-event TBPTT chunks beat whole
 # histories, 0.176, at the same cost); ~12 s on 2 cores.

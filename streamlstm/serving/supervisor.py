@@ -32,13 +32,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from .cli import on_stop_signals
-from .config import Config
+from ..config import Config
+from ..logs import configure_logging
+from ..signals import on_stop_signals
 from .http_server import HttpServer
-from .logs import configure_logging
 from .metrics import MULTIPROC_DIR
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("streamlstm.workers")  # a stable name: operators query logs by it (README)
 
 ASK_TIMEOUT_S = 2.0  # per worker, well inside a probe's timeoutSeconds
 
@@ -73,8 +73,8 @@ def check_model(cfg: Config) -> None:
 
 def load_model(cfg: Config) -> None:
     """check_model's child: loads the model as a worker would (torch is imported here, not above)."""
-    from .artifact import load_artifact, newest_artifact
-    from .predictor import resolve_device
+    from ..model.artifact import load_artifact, newest_artifact
+    from ..model.predictor import resolve_device
 
     resolve_device(cfg.model.device)
     load_artifact(newest_artifact(cfg.model.path))

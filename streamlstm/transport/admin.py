@@ -13,8 +13,8 @@ import logging
 from kafka import KafkaAdminClient
 from kafka.errors import TopicAlreadyExistsError
 
-from .config import KafkaConfig
-from .kafka_io import TopicError, client_settings
+from ..config import KafkaConfig
+from .kafka_python import TopicError, client_settings
 
 log = logging.getLogger(__name__)
 

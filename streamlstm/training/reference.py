@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .artifact import Artifact
-from .events import Event, sequences
+from ..events import Event, sequences
+from ..model.artifact import Artifact
 
 
 @torch.inference_mode()

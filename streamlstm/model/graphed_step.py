@@ -22,10 +22,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..state.table import StateTable
 from .cell import layer_weights, lstm_step
 from .fused_cell import fused_available, fused_layer_step, fused_weights
-from .model import LSTMForecaster
-from .state import StateTable
+from .network import LSTMForecaster
 
 MIN_BATCH = 16
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
+from ..config import ConfigError
+from ..state.table import StateKey, StateTable
 from .artifact import Artifact
 from .cell import layer_weights, lstm_step
-from .config import ConfigError
-from .state import StateKey, StateTable
 
 if TYPE_CHECKING:
     from .graphed_step import GraphedStep

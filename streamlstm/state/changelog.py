@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .state import Rows, StateKey
+from .table import Rows, StateKey
 
 MAGIC = b"SL"
 FORMAT = 1

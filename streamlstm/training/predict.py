@@ -8,8 +8,7 @@ from typing import TextIO
 
 import msgspec
 
-from .artifact import load_artifact
-from .events import (
+from ..events import (
     LABEL_FIELD,
     Event,
     EventDecoder,
@@ -18,7 +17,8 @@ from .events import (
     prediction_record,
     read_event_lines,
 )
-from .offline import score_events
+from ..model.artifact import load_artifact
+from .reference import score_events
 
 
 def predict_file(model_dir: str | Path, data: str | Path, out: TextIO) -> tuple[int, int]:

@@ -23,14 +23,12 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from .artifact import Artifact, load_artifact, non_finite_tensors, save_artifact
-from .config import TrainConfig
-from .errors import UsageError
-from .evaluate import validation_metrics
-from .model import LSTMForecaster, ModelSpec
-from .progress import ProgressBar
-from .train_checkpoint import History, TrainingCheckpoint, fingerprint
-from .training_data import (
+from ..config import TrainConfig
+from ..errors import UsageError
+from ..model.artifact import Artifact, load_artifact, non_finite_tensors, save_artifact
+from ..model.network import LSTMForecaster, ModelSpec
+from .checkpoint import History, TrainingCheckpoint, fingerprint
+from .data import (
     KeySeries,
     TrainingData,
     TrainingDataError,
@@ -39,6 +37,8 @@ from .training_data import (
     read_training_data,
     training_part,
 )
+from .evaluate import validation_metrics
+from .progress import ProgressBar
 
 
 def _stats(values: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UsageError
-from .model import TASKS, LSTMForecaster, ModelSpec
+from ..errors import UsageError
+from .network import TASKS, LSTMForecaster, ModelSpec
 
 FORMAT = "streamlstm-model"
 FORMAT_VERSION = 1

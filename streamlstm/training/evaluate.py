@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .artifact import Artifact
-from .offline import score_events
-from .training_data import KeySeries, TrainingData
+from ..model.artifact import Artifact
+from .data import KeySeries, TrainingData
+from .reference import score_events
 
 PROBABILITY_FLOOR = 1e-12  # keeps the log-loss finite when a class gets probability 0
 

@@ -21,8 +21,8 @@ from kafka import (
 from kafka.errors import CorruptRecordError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from .config import KafkaConfig
-from .errors import UsageError
+from ..config import KafkaConfig
+from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class Rebalance(Protocol):
 def open_io(cfg: KafkaConfig, rebalance: Rebalance) -> KafkaIO:
     """The daemon's consumer and producer, with the client `kafka.client` names."""
     if cfg.client == "confluent":
-        from .confluent_io import (
+        from .confluent import (
             ConfluentIO,  # an optional dependency, imported only when chosen
         )
 

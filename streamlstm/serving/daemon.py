@@ -20,10 +20,8 @@ import torch
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from .artifact import Artifact, ArtifactError, load_artifact, newest_artifact
-from .checkpoint import Checkpointer, Outcome
-from .config import Config
-from .events import (
+from ..config import Config
+from ..events import (
     REASONS,
     Event,
     EventDecoder,
@@ -31,17 +29,19 @@ from .events import (
     encode_record,
     prediction_record,
 )
+from ..model.artifact import Artifact, ArtifactError, load_artifact, newest_artifact
+from ..model.predictor import StreamingPredictor, resolve_device
+from ..model.reload import ModelWatcher
+from ..state.table import StateKey
+from ..transport.admin import ensure_changelog, ensure_topics
+from ..transport.kafka_python import Failure, KafkaIO, Record, open_io
+from ..transport.readers import ChangelogReader
+from .checkpoint import Checkpointer, Outcome
 from .http_server import HttpServer
-from .kafka_io import Failure, KafkaIO, Record, open_io
 from .metrics import Metrics, observe_many
-from .model_reload import ModelWatcher
-from .predictor import StreamingPredictor, resolve_device
 from .restore import Restorer
-from .state import StateKey
-from .topic_readers import ChangelogReader
-from .topics import ensure_changelog, ensure_topics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("streamlstm.daemon")  # a stable name: operators query logs by it (README)
 
 BACKOFF_MAX_S = 30
 # While a checkpoint is under way, each pass of the loop sends at least this many state records (about

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import KafkaConfig, TrainConfig
-from .errors import UsageError
-from .events import (
+from ..config import KafkaConfig, TrainConfig
+from ..errors import UsageError
+from ..events import (
     LABEL_FIELD,
     Event,
     EventDecoder,
@@ -145,7 +145,7 @@ def _kafka_object(key: bytes | None, value: bytes | None, timestamp: int) -> Any
 
 def read_kafka(kafka: KafkaConfig, topic: str) -> TrainingData:
     """Every partition of `topic` from the beginning to its end when reading started."""
-    from .topic_readers import read_topic
+    from ..transport.readers import read_topic
 
     records = read_topic(kafka, topic)
     return decode_records(f"topic {topic!r}",

@@ -28,8 +28,8 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from .config import KafkaConfig
-from .kafka_io import (
+from ..config import KafkaConfig
+from .kafka_python import (
     CONSUMER_CALL_TIMEOUT_MS,
     PRODUCER_SETTINGS,
     KafkaIO,
