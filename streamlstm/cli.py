@@ -25,9 +25,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     configure_logging(cfg.log.level, cfg.log.format)
     if cfg.serve.workers > 1:
+        from .serving import (
+            worker,  # imports no torch itself: the supervisor's process stays without it
+        )
         from .serving.supervisor import serve_workers
 
-        return serve_workers(cfg)
+        return serve_workers(cfg, worker.work, worker.load_model)
     from .serving.daemon import Daemon
 
     daemon = Daemon(cfg)

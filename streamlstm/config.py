@@ -2,7 +2,10 @@
 
 Every key is declared once, in the dataclasses below, with its type and default. A key that is not
 declared, or a value of the wrong type, is an error naming the key and where the value came from.
+Keys that take one of a few strings say so in their type, as a Literal, so the choices live beside the key.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import importlib.util
@@ -11,13 +14,17 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .errors import UsageError
 
 ENV_PREFIX = "STREAMLSTM_"
+
+
+Task = Literal["regression", "classification"]
+TASKS: tuple[str, ...] = get_args(Task)  # the one list: the model and its artifact check against it
 
 
 class ConfigError(UsageError):
@@ -27,7 +34,7 @@ class ConfigError(UsageError):
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap_servers: str = "127.0.0.1:9092"
-    client: str = "kafka-python"
+    client: Literal["kafka-python", "confluent"] = "kafka-python"
     input_topic: str = "events"
     output_topic: str = "predictions"
     dlq_topic: str = "events-dlq"
@@ -35,17 +42,17 @@ class KafkaConfig:
     client_id: str = "streamlstm"
     create_topics: bool = True
     topic_partitions: int = 4
-    auto_offset_reset: str = "earliest"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = 45000
     heartbeat_interval_ms: int = 3000
     max_poll_records: int = 2000
     poll_timeout_ms: int = 100
     fetch_max_wait_ms: int = 20
-    compression_type: str = "none"
-    processing_guarantee: str = "at_least_once"
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     transactional_id: str = ""
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str = "PLAIN"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     sasl_plain_username: str = ""
     sasl_plain_password: str = ""
     ssl_cafile: str = ""
@@ -62,17 +69,17 @@ class KafkaConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "model"
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_threads: int = 1
     reload_interval_s: float = 10.0
-    on_reload: str = "keep_state"
+    on_reload: Literal["keep_state", "reset_state"] = "keep_state"
 
 
 @dataclass(frozen=True)
 class EventsConfig:
     max_key_bytes: int = 1024
     max_value_bytes: int = 65536
-    invalid_feature: str = "reject"
+    invalid_feature: Literal["reject", "replace_with_mean"] = "reject"
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ class StateConfig:
     checkpoint_interval_ms: int = 5000
     changelog_topic: str = ""
     ttl_seconds: float = 604800.0
-    ttl_clock: str = "processing_time"
+    ttl_clock: Literal["processing_time", "event_time"] = "processing_time"
 
     def changelog_for(self, kafka: KafkaConfig) -> str:
         """Per group and input topic, like Kafka Streams' <application.id>-<store>-changelog."""
@@ -101,14 +108,14 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    task: str = "regression"
-    targets: list = field(default_factory=list)
+    task: Task = "regression"
+    targets: list[str] = field(default_factory=list)
     hidden_size: int = 32
     num_layers: int = 2
     horizon: int = 1
     epochs: int = 60
     learning_rate: float = 0.01
-    lr_schedule: str = "cosine"
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
     batch_keys: int = 64
     tbptt_steps: int = 32
     holdout_events: int = 8
@@ -117,14 +124,14 @@ class TrainConfig:
     seed: int = 0
     csv_key_column: str = "key"
     csv_time_column: str = "ts"
-    csv_feature_columns: list = field(default_factory=list)
+    csv_feature_columns: list[str] = field(default_factory=list)
     csv_label_column: str = "label"
 
 
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = "INFO"
-    format: str = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
 
 
 @dataclass(frozen=True)
@@ -139,34 +146,30 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-_CHOICES = {
-    ("kafka", "client"): ("kafka-python", "confluent"),
-    ("kafka", "auto_offset_reset"): ("earliest", "latest"),
-    ("kafka", "compression_type"): ("none", "gzip", "snappy", "lz4", "zstd"),
-    ("kafka", "processing_guarantee"): ("at_least_once", "exactly_once"),
-    ("kafka", "security_protocol"): ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
-    ("kafka", "sasl_mechanism"): ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
-    ("state", "ttl_clock"): ("processing_time", "event_time"),
-    ("events", "invalid_feature"): ("reject", "replace_with_mean"),
-    ("model", "device"): ("auto", "cpu", "cuda"),
-    ("model", "on_reload"): ("keep_state", "reset_state"),
-    ("train", "task"): ("regression", "classification"),
-    ("train", "lr_schedule"): ("cosine", "constant"),
-    ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
-    ("log", "format"): ("text", "json"),
-}
-
-
 # Numbers where 0 means something (a free port, no clipping, keep for ever, never look): 0 is allowed.
 _ZERO_ALLOWED = ("http.port", "train.seed", "train.grad_clip", "state.ttl_seconds", "model.reload_interval_s")
 
 
+def _key_types(cls: type) -> dict[str, Any]:
+    """Each field's type, in declaration order; get_type_hints since the annotations are strings."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 def _sections() -> dict[str, type]:
-    return {f.name: f.type for f in dataclasses.fields(Config)}
+    return _key_types(Config)
 
 
-def _key_types(section_cls: type) -> dict[str, type]:
-    return {f.name: f.type for f in dataclasses.fields(section_cls)}
+def _choices(kind: Any) -> tuple[Any, ...]:
+    """The values a Literal key allows; () for any other key."""
+    return get_args(kind) if get_origin(kind) is Literal else ()
+
+
+def _base(kind: Any) -> type:
+    """The type a key's value has at run time: str for a Literal of strings, list for list[str]."""
+    if choices := _choices(kind):
+        return type(choices[0])
+    return get_origin(kind) or kind
 
 
 def _coerce(name: str, kind: type, value: Any, origin: str) -> Any:
@@ -195,9 +198,8 @@ def _parse_text(kind: type, text: str) -> Any:
         return text
 
 
-def _validate(name: str, value: Any) -> None:
-    section, key = name.split(".")
-    choices = _CHOICES.get((section, key))
+def _validate(name: str, kind: Any, value: Any) -> None:
+    choices = _choices(kind)
     if choices and value not in choices:
         raise ConfigError(f"config: {name}: {value!r} is not one of {', '.join(choices)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -215,6 +217,7 @@ class _Builder:
         self.values: dict[str, dict[str, Any]] = {name: {} for name in self.sections}
 
     def _kind(self, name: str, origin: str) -> type:
+        """The run-time type of a declared key's value; an unknown key is an error naming it."""
         section, _, key = name.partition(".")
         if section not in self.sections or not key:
             raise ConfigError(
@@ -225,7 +228,7 @@ class _Builder:
             raise ConfigError(
                 f"config: unknown key {name!r} (from {origin}); keys of {section!r} are: {', '.join(kinds)}"
             )
-        return kinds[key]
+        return _base(kinds[key])
 
     def set_typed(self, name: str, value: Any, origin: str) -> None:
         kind = self._kind(name, origin)
@@ -238,8 +241,9 @@ class _Builder:
     def build(self) -> Config:
         parts = {s: cls(**self.values[s]) for s, cls in self.sections.items()}
         for section, part in parts.items():
+            kinds = _key_types(type(part))
             for key, value in dataclasses.asdict(part).items():
-                _validate(f"{section}.{key}", value)
+                _validate(f"{section}.{key}", kinds[key], value)
         _check_client(parts["kafka"])
         return Config(**parts)
 

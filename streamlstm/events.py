@@ -82,8 +82,10 @@ def _wire_decoder(limits: Sequence[tuple[float, float]]) -> msgspec.json.Decoder
     """Decodes and checks, in C, the common shape of a valid event: `features` as an array of one
     number a feature, each within its limits, optional `ts`, `reset` and `end`, nothing else. msgspec
     refuses NaN and numbers out of range, so whatever it accepts the full checks would accept identically."""
-    features = tuple[tuple(Annotated[float, msgspec.Meta(ge=lo, le=hi)] for lo, hi in limits)]
-    fields = [("features", features), ("ts", int | float | None, None), ("reset", bool, False), ("end", bool, False)]
+    bounded = tuple(Annotated[float, msgspec.Meta(ge=lo, le=hi)] for lo, hi in limits)
+    features = tuple[bounded]  # type: ignore[valid-type]  # a type made at run time, one per model
+    fields: list[tuple[str, Any, Any] | tuple[str, Any]] = [
+        ("features", features), ("ts", int | float | None, None), ("reset", bool, False), ("end", bool, False)]
     return msgspec.json.Decoder(msgspec.defstruct("WireEvent", fields, forbid_unknown_fields=True))
 
 

@@ -24,7 +24,7 @@ from conftest import (
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streamlstm.demo.broker import EmbeddedBroker, free_port
-from streamlstm.transport.kafka_python import DLQ_DETAIL, DLQ_REASON
+from streamlstm.transport.clients import DLQ_DETAIL, DLQ_REASON
 
 OUTAGE_S = 5  # longer than the daemon's first backoffs (1, 2 s): it retries through the outage
 

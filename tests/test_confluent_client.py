@@ -18,8 +18,8 @@ from test_durable_state import (
 )
 
 from streamlstm.config import ConfigError, load_config
+from streamlstm.transport.clients import DLQ_REASON
 from streamlstm.transport.confluent import confluent_settings
-from streamlstm.transport.kafka_python import DLQ_REASON
 
 
 def test_security_settings_reach_librdkafka_under_its_own_names():

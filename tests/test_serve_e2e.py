@@ -27,7 +27,7 @@ from kafka import KafkaProducer
 from streamlstm.config import KafkaConfig
 from streamlstm.events import REASONS
 from streamlstm.transport.admin import ensure_topics
-from streamlstm.transport.kafka_python import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE
+from streamlstm.transport.clients import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE
 
 KEYS, GOOD_EVENTS = 160, 2400
 MAX_VALUE_BYTES = 65536  # events.max_value_bytes, the default

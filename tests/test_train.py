@@ -331,3 +331,72 @@ def test_training_that_diverges_writes_no_model(sine_file: Path, tmp_path: Path)
     with pytest.raises(TrainingDiverged, match="train.learning_rate"):
         train(sine_file, out, replace(SMALL, epochs=2, learning_rate=1e30, grad_clip=0.0), log=quiet)
     assert not out.exists()
+
+
+def _history_with(good: dict, **fields) -> dict:
+    return {**good, "history": {**good["history"], **fields}}
+
+
+# What a damaged checkpoint can hold, from the good one's content and bytes: bytes are written as they are.
+DAMAGED_CHECKPOINTS = {
+    "empty": lambda good, raw: b"",
+    "truncated": lambda good, raw: raw[:200],
+    "not a mapping": lambda good, raw: [1, 2],
+    "no optimiser state": lambda good, raw: {k: v for k, v in good.items() if k != "optimiser"},
+    "no model weights": lambda good, raw: {k: v for k, v in good.items() if k != "model"},
+    "history not a mapping": lambda good, raw: {**good, "history": 3},
+    "history with unknown fields": lambda good, raw: {**good, "history": {"nope": 1}},
+    "losses not numbers": lambda good, raw: _history_with(good, train_loss="a"),
+    "best epoch beyond the epochs": lambda good, raw: _history_with(good, best_epoch=9),
+    "best weights of another model": lambda good, raw: _history_with(good, best_weights={"x": torch.zeros(1)}),
+    "weights of another model": lambda good, raw: {**good, "model": {"x": torch.zeros(1)}},
+    "optimiser state malformed": lambda good, raw: {**good, "optimiser": 1},
+    "optimiser of other parameters": lambda good, raw: {**good, "optimiser": {"state": {}, "param_groups": []}},
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_CHECKPOINTS))
+def test_a_damaged_checkpoint_is_a_usage_error_naming_the_file(tmp_path: Path, damage: str) -> None:
+    """Any damage ends --resume with the file and what to do, not a KeyError or TypeError traceback."""
+    from streamlstm.errors import UsageError
+    from streamlstm.model.network import ModelSpec
+
+    spec = ModelSpec("regression", ("y", "t"), ("y",), 4, 1, (0.0, 0.0), (1.0, 1.0), (0.0,), (1.0,))
+
+    def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = LSTMForecaster(spec)
+        return model, torch.optim.Adam(model.parameters())
+
+    path = tmp_path / "ckpt"
+    model, optimiser = fresh()
+    history = History()
+    history.record(1.0, 0.5, model.state_dict())
+    TrainingCheckpoint(path, "run").save(model, optimiser, history)
+    content = DAMAGED_CHECKPOINTS[damage](torch.load(path, weights_only=True), path.read_bytes())
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(UsageError) as err:
+        TrainingCheckpoint(path, "run").load(*fresh())
+    message = str(err.value)
+    assert message.startswith(f"train --resume: {path} is ") and "\n" not in message, message
+    assert message.endswith("; delete it, or train without --resume, to start afresh"), message
+
+
+def test_resume_from_a_damaged_checkpoint_ends_with_exit_2_and_one_line(sine_file: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint of this very run, but with a part missing; training without --resume then works, as told."""
+    cfg = replace(SMALL, epochs=1)
+    out = tmp_path / "m"
+    monkeypatch.setattr(TrainingCheckpoint, "remove", lambda self: None)  # keep the run's checkpoint
+    train(sine_file, out, cfg, log=quiet)
+    saved = torch.load(checkpoint_path(out), weights_only=True)
+    torch.save({k: v for k, v in saved.items() if k != "optimiser"}, checkpoint_path(out))
+    args = ("--data", str(sine_file), "--out", str(out), *small_sets(cfg))
+    result = train_command(*args, "--resume")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"streamlstm train: train --resume: {checkpoint_path(out)} is not a training checkpoint "
+                             "(it lacks optimiser); delete it, or train without --resume, to start afresh\n")
+    assert train_command(*args).returncode == 0
+    assert not checkpoint_path(out).exists()

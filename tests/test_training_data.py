@@ -22,7 +22,7 @@ from streamlstm.training.data import (
     read_kafka,
 )
 from streamlstm.transport.admin import ensure_topics
-from streamlstm.transport.kafka_python import TopicError, UnreadableRecord
+from streamlstm.transport.api import TopicError, UnreadableRecord
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:

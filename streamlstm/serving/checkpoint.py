@@ -18,14 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kafka import TopicPartition
-from kafka.structs import OffsetAndMetadata
-
-from ..config import StateConfig
 from ..state import changelog
 from ..state.table import StateTable
-from ..transport.kafka_python import Failure, KafkaIO
+from ..transport.api import Failure, Offsets, TopicPartition, Transport
 from .metrics import Metrics
+from .plan import Expiry
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +43,7 @@ class _Snapshot:
     """A checkpoint under way: the state records still to send, and the offsets they make committable."""
 
     started: float
-    offsets: dict[TopicPartition, OffsetAndMetadata]
+    offsets: Offsets
     records: list[StateRecord]
     size: int
     sent: int = 0
@@ -56,13 +53,13 @@ class Checkpointer:
     """Writes checkpoints, whole (`checkpoint`) or a slice at a time between polls (`begin`, `write`,
     `finish`), so that events keep flowing while thousands of keys' state records are sent."""
 
-    def __init__(self, io: KafkaIO, table: StateTable, metrics: Metrics, topic: str, cfg: StateConfig,
+    def __init__(self, io: Transport, table: StateTable, metrics: Metrics, topic: str, expiry: Expiry,
                  model_version: str) -> None:
         self.io = io
         self.table = table
         self.metrics = metrics
         self.topic = topic
-        self.cfg = cfg
+        self.expiry = expiry
         self.model_version = model_version
         self._snapshot: _Snapshot | None = None
 
@@ -96,15 +93,17 @@ class Checkpointer:
         """The changelog records of the table's changes, tombstones first (a key dropped and seen again
         has both, in that order), and their bytes."""
         changes = self.table.take_changes()
-        records: list[StateRecord] = [(shard, key.encode(), None, changelog.tombstone_headers(offset))
-                                      for (shard, key), offset in changes.dropped]
+        key_of = changelog.changelog_key
+        records: list[StateRecord] = [(key[0], key_of(key), None, changelog.tombstone_headers(offset))
+                                      for key, offset in changes.dropped]
         values = changelog.encode(changes.changed, self.model_version)
-        records += [(shard, key.encode(), value, None) for (shard, key), value in zip(changes.changed.keys, values)]
+        records += [(key[0], key_of(key), value, None) for key, value in zip(changes.changed.keys, values)]
         return records, sum(map(len, values))
 
     def write(self, budget: int | None) -> bool:
         """Send up to `budget` more of the snapshot's state records (all if None); True once all are sent."""
         s = self._snapshot
+        assert s is not None, "write() after begin()"
         end = len(s.records) if budget is None else min(len(s.records), s.sent + budget)
         for record in s.records[s.sent:end]:
             self.io.send_state(self.topic, *record)
@@ -115,10 +114,11 @@ class Checkpointer:
         """Wait until the broker acknowledges everything sent so far, then commit the snapshot's offsets
         of every partition none of whose records it refused."""
         s, self._snapshot = self._snapshot, None
+        assert s is not None, "finish() after begin()"
         if not s.offsets and not s.records:
             return Outcome(set(), {})
         failed = self.io.flush()
-        committed = {tp: meta for tp, meta in s.offsets.items() if tp.partition not in failed}
+        committed = {tp: offset for tp, offset in s.offsets.items() if tp.partition not in failed}
         self.io.commit(committed)
         m = self.metrics
         m.checkpoints.inc()
@@ -147,17 +147,21 @@ class Checkpointer:
                 self._snapshot.offsets.pop(tp, None)
 
     def expire(self) -> None:
-        """Drop keys idle longer than state.ttl_seconds, on the configured clock."""
-        if not self.cfg.ttl_seconds:
+        """Drop keys idle longer than state.ttl_seconds, on the configured clock: each shard's stream time
+        (its newest event) on the event clock, now on the processing clock."""
+        expiry = self.expiry
+        if not expiry.ttl_ms:
             return
-        ttl_ms = int(self.cfg.ttl_seconds * 1000)
-        if self.cfg.ttl_clock == "event_time":
-            cutoffs = {s: self.table.latest_time(s) - ttl_ms for s in self.table.live_shards()}
-        else:
-            now_ms = int(time.time() * 1000)
-            cutoffs = {s: now_ms - ttl_ms for s in self.table.live_shards()}
+        now_ms = int(time.time() * 1000)
+        cutoffs = {shard: expiry.cutoff(self._stream_time(shard) if expiry.event_clock else now_ms)
+                   for shard in self.table.live_shards()}
         expired = self.table.expire(cutoffs)
         if expired:
             self.metrics.dropped_keys.labels("expired").inc(len(expired))
             self.metrics.live_keys.set(len(self.table))
-            log.info("expired %d keys idle longer than %s s", len(expired), self.cfg.ttl_seconds)
+            log.info("expired %d keys idle longer than %s s", len(expired), expiry.ttl_ms / 1000)
+
+    def _stream_time(self, shard: int) -> int:
+        latest = self.table.latest_time(shard)
+        assert latest is not None, "a live shard has keys"
+        return latest

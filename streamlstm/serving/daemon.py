@@ -1,7 +1,7 @@
 """The serving daemon: poll → decode → batched step → publish → checkpoint, with health and metrics.
 
-One event's path: KafkaIO.poll → EventDecoder.decode → Daemon._plan (reset, end, expiry) →
-StreamingPredictor.advance → prediction_record → KafkaIO.send_prediction → Checkpointer.checkpoint
+One event's path: Transport.poll → EventDecoder.decode → plan_batch (reset, end, expiry) →
+StreamingPredictor.advance → prediction_record → Transport.send_prediction → Checkpointer.checkpoint
 (state records, flush, commit). Restorer rebuilds the state of partitions as they are assigned, and of
 partitions sent back to their last commit because the broker refused some of their records.
 """
@@ -12,13 +12,9 @@ import gc
 import logging
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from kafka import TopicPartition
-from kafka.errors import KafkaError
 
 from ..config import Config
 from ..events import (
@@ -32,13 +28,12 @@ from ..events import (
 from ..model.artifact import Artifact, ArtifactError, load_artifact, newest_artifact
 from ..model.predictor import StreamingPredictor, resolve_device
 from ..model.reload import ModelWatcher
-from ..state.table import StateKey
-from ..transport.admin import ensure_changelog, ensure_topics
-from ..transport.kafka_python import Failure, KafkaIO, Record, open_io
-from ..transport.readers import ChangelogReader
+from ..transport import open_changelog, open_transport, prepare_topics
+from ..transport.api import Failure, Record, TopicPartition, Transport, TransportError
 from .checkpoint import Checkpointer, Outcome
 from .http_server import HttpServer
 from .metrics import Metrics, observe_many
+from .plan import Expiry, plan_batch
 from .restore import Restorer
 
 log = logging.getLogger("streamlstm.daemon")  # a stable name: operators query logs by it (README)
@@ -67,17 +62,6 @@ class Backoff:
         self.delay = 0.0
 
 
-@dataclass
-class Plan:
-    """A batch's accepted events, as steps: which positions step, which start from zero, who is dropped."""
-
-    steps: list[int] = field(default_factory=list)
-    fresh: list[bool] = field(default_factory=list)
-    times: list[int] = field(default_factory=list)
-    tombstones: dict[StateKey, int] = field(default_factory=dict)  # dropped at the batch's end, at this offset
-    dropped: Counter[str] = field(default_factory=Counter)  # by reason, including keys that came back
-
-
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -90,10 +74,10 @@ class Daemon:
         artifact = load_artifact(newest_artifact(cfg.model.path), self.device)
         self.watcher = ModelWatcher(cfg.model.path, artifact.path, self.device, cfg.model.reload_interval_s)
         self._serve(artifact, StreamingPredictor(artifact, self.device))
-        self.ttl_ms = int(cfg.state.ttl_seconds * 1000)
+        self.expiry = Expiry.from_config(cfg.state)
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.exposition, self.healthy, self.ready)
-        self.restorer: Restorer | None = None
-        self.io: KafkaIO | None = None
+        self._restorer: Restorer | None = None  # both once connected: see the properties below
+        self._io: Transport | None = None
         self.backoff = Backoff()
         self._redoing: set[int] = set()  # partitions rewound and not committed since: backoff not over
         log.info("model %s loaded from %s on %s", artifact.version, artifact.path, self.device)
@@ -116,7 +100,7 @@ class Daemon:
 
     def healthy(self) -> tuple[bool, str]:
         """Live while the loop progresses; waiting for an unreachable broker is progress, not a hang."""
-        if self.io is None:
+        if self._io is None:
             return True, "waiting for the Kafka cluster"
         idle = time.monotonic() - self._last_poll
         if idle > self.cfg.http.liveness_timeout_s:
@@ -125,11 +109,23 @@ class Daemon:
 
     def ready(self) -> tuple[bool, str]:
         """Ready once the first assignment's state is restored (an empty assignment counts: a standby)."""
-        if self.restorer is None or not self.restorer.restored_once:
+        if self._restorer is None or not self._restorer.restored_once:
             return False, "waiting for partitions and their state"
         if self.backoff.failing:
             return False, "the broker refuses records; redoing partitions from their last commit"
-        return True, f"ok: {len(self.restorer.assigned)} partitions"
+        return True, f"ok: {len(self._restorer.assigned)} partitions"
+
+    @property
+    def io(self) -> Transport:
+        if self._io is None:
+            raise RuntimeError("no transport before run() has connected")
+        return self._io
+
+    @property
+    def restorer(self) -> Restorer:
+        if self._restorer is None:
+            raise RuntimeError("no restorer before run() has connected")
+        return self._restorer
 
     def stop(self) -> None:
         """Safe from a signal handler: the loop finishes its batch, checkpoints and leaves the group."""
@@ -144,9 +140,9 @@ class Daemon:
             self.http.stop()
             return
         table = self.predictor.table
-        self.restorer = Restorer(io, ChangelogReader(kafka, self.changelog_topic), table, self.metrics,
-                                 self._accepts())
-        self.checkpointer = Checkpointer(io, table, self.metrics, self.changelog_topic, self.cfg.state,
+        self._restorer = Restorer(io, open_changelog(kafka, self.changelog_topic), kafka.input_topic, table,
+                                 self.metrics, self._accepts())
+        self.checkpointer = Checkpointer(io, table, self.metrics, self.changelog_topic, self.expiry,
                                          self.predictor.version)
         log.info("consuming %s as group %s from %s; state in %s", kafka.input_topic, kafka.group_id,
                  kafka.bootstrap_servers, self.changelog_topic)
@@ -165,15 +161,13 @@ class Daemon:
                 log.warning("input partitions %s stay uncommitted (the broker refused their records); their "
                             "next owner redoes them from their last commit", sorted(failed))
         finally:
-            # Everything is committed; kafka-python 3 may log a race on its own closing sockets as an error.
-            logging.getLogger("kafka.net.transport").setLevel(logging.CRITICAL)
             self.watcher.close()
             self.restorer.reader.close()
             io.close()
             self.http.stop()
         log.info("stopped")
 
-    def _connect(self) -> KafkaIO | None:
+    def _connect(self) -> Transport | None:
         """Topics and clients, retried with backoff while the broker cannot be reached (None: stopped).
 
         A daemon that starts before its broker (a pod before Kafka) waits, alive and not ready.
@@ -181,17 +175,15 @@ class Daemon:
         kafka, last_error = self.cfg.kafka, ""
         while not self._stop.is_set():
             try:
-                if kafka.create_topics:
-                    ensure_topics(kafka)
-                ensure_changelog(kafka, self.changelog_topic)
-                self.io = open_io(kafka, self)
+                prepare_topics(kafka, self.changelog_topic)
+                self._io = open_transport(kafka, self)
                 self.backoff.reset()
-                return self.io
-            except KafkaError as exc:
-                if type(exc).__name__ != last_error:
+                return self._io
+            except TransportError as exc:
+                if type(exc.__cause__ or exc).__name__ != last_error:
                     log.warning("cannot reach the Kafka cluster at %s (%s); retrying with backoff up to %d s",
                                 kafka.bootstrap_servers, exc, BACKOFF_MAX_S)
-                    last_error = type(exc).__name__
+                    last_error = type(exc.__cause__ or exc).__name__
                 self._wait(self.backoff.next())
         return None
 
@@ -202,7 +194,7 @@ class Daemon:
             self._last_poll = time.monotonic()
             self._stop.wait(min(1.0, deadline - time.monotonic()))
 
-    def _loop(self, io: KafkaIO) -> None:
+    def _loop(self, io: Transport) -> None:
         interval = self.cfg.state.checkpoint_interval_ms / 1000
         next_checkpoint = time.monotonic() + interval
         checkpointer = self.checkpointer
@@ -222,7 +214,7 @@ class Daemon:
                     self._begin_checkpoint()
                     self._report_lag(io)
                     next_checkpoint = time.monotonic() + interval
-            except KafkaError as exc:  # a broker that does not answer: sends never raise, these calls may
+            except TransportError as exc:  # a broker that does not answer: sends never raise, these calls may
                 delay = self.backoff.next()
                 log.warning("Kafka call failed (%r); retrying in %.0f s", exc, delay)
                 self._wait(delay)
@@ -248,7 +240,7 @@ class Daemon:
         if not self._redoing:
             self.backoff.reset()
 
-    def _rewind(self, io: KafkaIO, failed: dict[int, Failure]) -> None:
+    def _rewind(self, io: Transport, failed: dict[int, Failure]) -> None:
         """Redo partitions whose records the broker refused from their last commit, after a backoff.
 
         Nothing after that commit was committed, so no event is lost; their state goes back to it with
@@ -315,7 +307,7 @@ class Daemon:
         log.warning("lost partitions %s without committing (group membership lost); their state is dropped "
                     "and will be restored by their new owner", sorted(tp.partition for tp in partitions))
 
-    def _process(self, io: KafkaIO, records: list[Record]) -> None:
+    def _process(self, io: Transport, records: list[Record]) -> None:
         m = self.metrics
         m.events_consumed.inc(len(records))
         m.poll_records.observe(len(records))
@@ -334,10 +326,12 @@ class Daemon:
             self._apply(io, accepted)
         io.mark_done(records)
 
-    def _apply(self, io: KafkaIO, accepted: list[tuple[Record, Event]]) -> None:
+    def _apply(self, io: Transport, accepted: list[tuple[Record, Event]]) -> None:
         m = self.metrics
         keys = [(record.partition, event.key) for record, event in accepted]
-        plan = self._plan(keys, accepted)
+        plan = plan_batch(keys, [event for _, event in accepted], [record.offset for record, _ in accepted],
+                          [record.timestamp for record, _ in accepted], self.predictor.table.time_of, self.expiry,
+                          int(time.time() * 1000))
         if plan.steps:
             stepping = [accepted[i] for i in plan.steps]
             result = self.predictor.advance([keys[i] for i in plan.steps], [e.features for _, e in stepping],
@@ -361,38 +355,6 @@ class Daemon:
             m.dropped_keys.labels(reason).inc(count)
         m.live_keys.set(len(self.predictor.table))
 
-    def _plan(self, keys: list[StateKey], accepted: list[tuple[Record, Event]]) -> Plan:
-        """Apply reset, end and expiry in event order, so a batch means what its events one by one mean.
-
-        A key starts from zero state at a reset, after an end, and after a gap longer than the TTL on the
-        TTL clock (so an idle key is expired whether or not the periodic sweep got to it first).
-        """
-        plan = Plan()
-        table = self.predictor.table
-        last: dict[StateKey, int | None] = {}
-        event_clock = self.cfg.state.ttl_clock == "event_time"
-        now_ms = int(time.time() * 1000)
-        for i, (key, (record, event)) in enumerate(zip(keys, accepted)):
-            t = (record.timestamp if event.ts is None else event.ts) if event_clock else now_ms
-            previous = last[key] if key in last else table.time_of(key)
-            idle_too_long = bool(self.ttl_ms) and previous is not None and t - previous > self.ttl_ms
-            plan.dropped["expired"] += idle_too_long
-            if event.features is None:
-                plan.tombstones[key] = record.offset
-                plan.dropped["reset" if event.reset else "end"] += 1
-                last[key] = None
-                continue
-            plan.tombstones.pop(key, None)
-            plan.steps.append(i)
-            plan.fresh.append(event.reset or idle_too_long or (key in last and last[key] is None))
-            plan.times.append(t)
-            last[key] = t
-            if event.end:
-                plan.tombstones[key] = record.offset
-                plan.dropped["end"] += 1
-                last[key] = None
-        return plan
-
-    def _report_lag(self, io: KafkaIO) -> None:
+    def _report_lag(self, io: Transport) -> None:
         for tp, lag in io.lag().items():
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)

@@ -11,12 +11,9 @@ from __future__ import annotations
 import logging
 import time
 
-from kafka import TopicPartition
-
 from ..state.changelog import PartitionRestore
 from ..state.table import StateTable
-from ..transport.kafka_python import KafkaIO
-from ..transport.readers import ChangelogReader
+from ..transport.api import ChangelogSource, TopicPartition, Transport
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -25,10 +22,11 @@ RESTORE_POLL_MS = 50
 
 
 class Restorer:
-    def __init__(self, io: KafkaIO, reader: ChangelogReader, table: StateTable, metrics: Metrics,
-                 accepts: tuple[int, int, str | None]) -> None:
+    def __init__(self, io: Transport, reader: ChangelogSource, input_topic: str, table: StateTable,
+                 metrics: Metrics, accepts: tuple[int, int, str | None]) -> None:
         self.io = io
         self.reader = reader
+        self.input_topic = input_topic
         self.table = table
         self.metrics = metrics
         self.accepts = accepts  # (num_layers, hidden_size, model version or None for any): what state fits
@@ -118,32 +116,40 @@ class Restorer:
         """Start restoring waiting partitions whose start offset is known (a broker may not answer yet)."""
         if time.monotonic() < self._hold_until:
             return
-        started = set()
-        for tp in sorted(self._waiting):
-            if tp in self._rewinding:
-                self.io.rewind(tp)
-                self._rewinding.discard(tp)
-            cut = self.io.position(tp)
-            if cut is None:
-                continue
-            self._waiting.discard(tp)
-            if self._kept.pop(tp, None) == cut:
-                log.info("partition %d: state kept in memory, resuming at offset %d", tp.partition, cut)
-                self._reflects[tp] = cut
-                self.io.resume({tp})
-                continue
-            self.table.forget_shard(tp.partition)
-            self._active[tp.partition] = (PartitionRestore(tp.partition, cut), time.perf_counter())
-            started.add(tp.partition)
-        if started:
-            self.reader.start(started)
+        started: set[int] = set()
+        try:
+            for tp in sorted(self._waiting):
+                if self._begin_one(tp):
+                    started.add(tp.partition)
+        finally:  # a broker that does not answer for one partition (TransportError) holds up no other
+            if started:
+                self.reader.start(started)
+
+    def _begin_one(self, tp: TopicPartition) -> bool:
+        """True: `tp` is to be read from the changelog (the reader starts it); False: it resumed with its
+        state kept in memory, or its position is not known yet (tried again next step)."""
+        if tp in self._rewinding:
+            self.io.rewind(tp)
+            self._rewinding.discard(tp)
+        cut = self.io.position(tp)
+        if cut is None:
+            return False
+        self._waiting.discard(tp)
+        if self._kept.pop(tp, None) == cut:
+            log.info("partition %d: state kept in memory, resuming at offset %d", tp.partition, cut)
+            self._reflects[tp] = cut
+            self.io.resume({tp})
+            return False
+        self.table.forget_shard(tp.partition)
+        self._active[tp.partition] = (PartitionRestore(tp.partition, cut), time.perf_counter())
+        return True
 
     def _finish(self, partition: int) -> None:
         fold, started = self._active.pop(partition)
         self.reader.stop({partition})
         state, incompatible = fold.rows(*self.accepts)
         self.table.load(state)
-        tp = TopicPartition(self.io.cfg.input_topic, partition)
+        tp = TopicPartition(self.input_topic, partition)
         self._reflects[tp] = fold.cut
         self.io.resume({tp})
         m = self.metrics

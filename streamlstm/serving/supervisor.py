@@ -21,19 +21,18 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import cast
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from ..config import Config
-from ..logs import configure_logging
 from ..signals import on_stop_signals
 from .http_server import HttpServer
 from .metrics import MULTIPROC_DIR
@@ -43,11 +42,18 @@ log = logging.getLogger("streamlstm.workers")  # a stable name: operators query 
 ASK_TIMEOUT_S = 2.0  # per worker, well inside a probe's timeoutSeconds
 
 
-def serve_workers(cfg: Config) -> int:
-    """Run cfg.serve.workers workers until SIGTERM or SIGINT (0), or until one dies (1)."""
-    check_model(cfg)
+Work = Callable[[Config, int, Connection], None]  # a worker process's body: config, index, pipe for its port
+
+
+def serve_workers(cfg: Config, work: Work, load_model: Callable[[Config], None]) -> int:
+    """Run cfg.serve.workers workers until SIGTERM or SIGINT (0), or until one dies (1).
+
+    `work` and `load_model` come from worker.py through the CLI: this module never imports what loads
+    torch, so neither does the supervisor's process.
+    """
+    check_model(cfg, load_model)
     directory, temporary = metrics_directory()
-    supervisor = Supervisor(cfg, directory)
+    supervisor = Supervisor(cfg, directory, work)
     wakeup = wake_on_stop_signals()
     supervisor.http.start()
     log.info("http on %s:%d (/metrics /healthz /readyz) for %d workers", cfg.http.host, supervisor.http.port,
@@ -61,7 +67,7 @@ def serve_workers(cfg: Config) -> int:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def check_model(cfg: Config) -> None:
+def check_model(cfg: Config, load_model: Callable[[Config], None]) -> None:
     """Fail once, before any worker starts, where every worker would (ConfigError, ArtifactError).
 
     In a child process that then exits: loading a model imports torch, which the supervisor never
@@ -69,15 +75,6 @@ def check_model(cfg: Config) -> None:
     """
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
         child.submit(load_model, cfg).result()  # re-raises the child's error here
-
-
-def load_model(cfg: Config) -> None:
-    """check_model's child: loads the model as a worker would (torch is imported here, not above)."""
-    from ..model.artifact import load_artifact, newest_artifact
-    from ..model.predictor import resolve_device
-
-    resolve_device(cfg.model.device)
-    load_artifact(newest_artifact(cfg.model.path))
 
 
 def metrics_directory() -> tuple[Path, bool]:
@@ -117,33 +114,6 @@ def worker_config(cfg: Config, index: int) -> Config:
     return dataclasses.replace(cfg, kafka=kafka, http=http)
 
 
-def work(cfg: Config, index: int, port_to: Connection) -> None:
-    """A worker process: a Daemon that tells the supervisor its HTTP port, then runs until SIGTERM."""
-    from .daemon import Daemon  # torch with it: in the workers only
-
-    configure_logging(cfg.log.level, cfg.log.format, index)
-    stopped = threading.Event()
-    on_stop_signals(stopped.set)  # a stop while the model loads still counts
-    threading.Thread(target=stop_with_supervisor, name="supervisor-watch", daemon=True).start()
-    daemon = Daemon(cfg)
-    with contextlib.suppress(OSError):  # a supervisor gone meanwhile: stop_with_supervisor stops us
-        port_to.send(daemon.http.port)  # bound in Daemon(): known before run()
-    port_to.close()
-    on_stop_signals(daemon.stop)
-    if stopped.is_set():
-        daemon.stop()
-    daemon.run()
-
-
-def stop_with_supervisor() -> None:
-    """A supervisor killed outright (SIGKILL, the OOM killer) cannot stop its workers; left running they
-    would serve on as orphans beside the supervisor's replacement. Each worker watches its parent and, once
-    it is gone, stops itself as on SIGTERM: a last checkpoint, then it leaves the group."""
-    wait([multiprocessing.parent_process().sentinel])
-    log.error("the supervisor (pid %d) is gone; stopping", multiprocessing.parent_process().pid)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
 def ask(port: int, path: str) -> tuple[int, str]:
     """A worker's answer on one endpoint: status and body; 0 and why when it does not answer in time."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=ASK_TIMEOUT_S)
@@ -160,8 +130,9 @@ def ask(port: int, path: str) -> tuple[int, str]:
 class Supervisor:
     """The pod's workers, and its HTTP port answering for all of them."""
 
-    def __init__(self, cfg: Config, directory: Path) -> None:
+    def __init__(self, cfg: Config, directory: Path, work: Work) -> None:
         self.cfg = cfg
+        self.work = work
         self.directory = directory
         self.registry = CollectorRegistry()
         MultiProcessCollector(self.registry, path=str(directory))
@@ -176,7 +147,7 @@ class Supervisor:
         for index in range(self.cfg.serve.workers):
             receive, send = spawn.Pipe(duplex=False)
             # daemon: should the supervisor itself fail, multiprocessing stops the workers at its exit
-            proc = spawn.Process(target=work, args=(worker_config(self.cfg, index), index, send),
+            proc = spawn.Process(target=self.work, args=(worker_config(self.cfg, index), index, send),
                                  name=f"worker-{index}", daemon=True)
             proc.start()
             send.close()
@@ -224,7 +195,7 @@ class Supervisor:
                               "restarts", index, proc.pid, proc.exitcode)
                 self.stop(reported=dead)
                 return 1
-            for pipe in ready:
+            for pipe in cast(list[Connection], ready):  # the rest are pipes
                 index = self.pipes.pop(pipe)
                 with contextlib.suppress(EOFError):  # it died before telling: its sentinel says so next
                     self.ports[index] = pipe.recv()

@@ -55,7 +55,7 @@ def tombstone_headers(offset: int) -> list[tuple[str, bytes]]:
     return [(TOMBSTONE_OFFSET, str(offset).encode())]
 
 
-def source_offset(value: bytes | None, headers: Iterable[tuple[str, bytes]]) -> int | None:
+def source_offset(value: bytes | None, headers: Iterable[tuple[str, bytes | None]]) -> int | None:
     """The input offset a record reflects, or None when the record is not ours to read."""
     if value is None:
         for name, raw in headers:
@@ -84,7 +84,7 @@ class PartitionRestore:
     skipped_beyond_cut: int = 0
     unreadable: int = 0
 
-    def add(self, key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes]]) -> None:
+    def add(self, key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes | None]]) -> None:
         offset = source_offset(value, headers)
         if key is None or offset is None:
             self.unreadable += 1
@@ -122,4 +122,5 @@ class PartitionRestore:
 
 
 def changelog_key(key: StateKey) -> bytes:
+    """A state record's Kafka key: the event key, UTF-8 (the partition is the record's own)."""
     return key[1].encode("utf-8")

@@ -11,16 +11,22 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from ..config import TrainConfig
+from ..errors import UsageError
 from ..model.network import ModelSpec
-from .data import KeySeries, TrainingDataError
+from .data import KeySeries
 
 Weights = dict[str, torch.Tensor]
+_PARTS = ("fingerprint", "model", "optimiser", "history")
+
+
+class CheckpointError(UsageError):
+    """The checkpoint cannot be resumed; the message names the file and how to start afresh."""
 
 
 @dataclass
@@ -73,20 +79,60 @@ class TrainingCheckpoint:
         os.replace(tmp, self.path)
 
     def load(self, model: torch.nn.Module, optimiser: torch.optim.Optimizer) -> History | None:
-        """Restore model and optimiser from the checkpoint; None when there is none."""
+        """Restore model and optimiser from the checkpoint; None when there is none.
+
+        A damaged one (truncated, parts missing, tensors that do not fit) is a CheckpointError naming the
+        file: the run cannot be continued exactly, so the user is told to start afresh, not shown a traceback.
+        """
         if not self.path.exists():
             return None
         try:
             saved = torch.load(self.path, weights_only=True)
         except Exception as exc:  # torch raises many kinds for a damaged file
-            raise TrainingDataError(f"train --resume: {self.path} is unreadable ({exc}); delete it to start "
-                                    "afresh") from None
-        if saved.get("fingerprint") != self.fingerprint:
-            raise TrainingDataError(f"train --resume: {self.path} belongs to a run with other data or train.* "
-                                    "settings; delete it, or resume with the same data and settings")
-        model.load_state_dict(saved["model"])
-        optimiser.load_state_dict(saved["optimiser"])
-        return History(**saved["history"])
+            raise self._damaged("is unreadable", exc) from None
+        if not isinstance(saved, dict):
+            raise self._damaged("is not a training checkpoint", f"it holds a {type(saved).__name__}")
+        if missing := [part for part in _PARTS if part not in saved]:
+            raise self._damaged("is not a training checkpoint", f"it lacks {', '.join(missing)}")
+        if saved["fingerprint"] != self.fingerprint:
+            raise CheckpointError(f"train --resume: {self.path} belongs to a run with other data or train.* "
+                                  "settings; delete it, or resume with the same data and settings")
+        try:
+            history = _history(saved["history"])
+            model.load_state_dict(saved["model"])
+            optimiser.load_state_dict(saved["optimiser"])
+            if history.best_epoch:  # loaded into the model when training ends: checked now, not then
+                _same_shapes(history.best_weights, model.state_dict())
+        except Exception as exc:  # load_state_dict raises many kinds for malformed parts, as torch.load does
+            raise self._damaged("is damaged", exc) from None
+        return history
+
+    def _damaged(self, problem: str, detail: object) -> CheckpointError:
+        """One line: torch's messages can run over several lines, or be empty."""
+        text = " ".join(str(detail).split()) or type(detail).__name__
+        return CheckpointError(f"train --resume: {self.path} {problem} ({text:.300}); delete it, or train "
+                               "without --resume, to start afresh")
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _history(raw: object) -> History:
+    """The saved history, checked: a malformed one would otherwise fail an epoch or more later."""
+    if not isinstance(raw, dict) or set(raw) != {f.name for f in fields(History)}:
+        raise TypeError(f"history is not a mapping of {', '.join(f.name for f in fields(History))}")
+    history = History(**raw)
+    losses = (history.train_loss, history.val_loss)
+    if not all(isinstance(v, list) and all(isinstance(x, float) for x in v) for v in losses) \
+            or len(history.train_loss) != len(history.val_loss):
+        raise TypeError("history: train_loss and val_loss must be lists of floats, one per epoch")
+    if not (isinstance(history.best_epoch, int) and 0 <= history.best_epoch <= history.epochs):
+        raise TypeError(f"history: best_epoch {history.best_epoch!r} is not one of the {history.epochs} epochs")
+    return history
+
+
+def _same_shapes(weights: object, expected: Weights) -> None:
+    """Names and shapes as the model's, so the best epoch's weights load when training ends."""
+    if not (isinstance(weights, dict) and {k: getattr(v, "shape", None) for k, v in weights.items()}
+            == {k: v.shape for k, v in expected.items()}):
+        raise ValueError("history: best_weights do not fit the model")

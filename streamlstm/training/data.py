@@ -118,6 +118,7 @@ def decode_records(source: str, records: list[tuple[Position, Any]]) -> Training
         if isinstance(label, Rejection):
             rejected[label.reason] += 1
             continue
+        assert isinstance(event, Event)  # a rejected event is its own label
         events.append(event)
         labels.append(label)
         positions.append(position)

@@ -14,7 +14,8 @@ from kafka import KafkaAdminClient
 from kafka.errors import TopicAlreadyExistsError
 
 from ..config import KafkaConfig
-from .kafka_python import TopicError, client_settings
+from .api import TopicError
+from .kafka_python import client_settings
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,9 @@
-"""The daemon's consumer and producer on confluent-kafka (librdkafka), chosen by `kafka.client: confluent`.
+"""The Transport on confluent-kafka (librdkafka), chosen by `kafka.client: confluent`.
 
-Same contract as kafka_io.KafkaIO, whose bookkeeping it inherits (what may be committed, which source
-partitions failed); only the calls into the client differ. librdkafka fetches, batches, compresses and
-retries in C threads, so the per-record Python work left is one produce() call and one small tuple.
-Rebalance callbacks and delivery reports run on the calling thread, inside consume(), poll() and flush().
-At-least-once only (config refuses exactly_once with this client). Knows nothing of torch or models.
+librdkafka fetches, batches, compresses and retries in C threads, so the per-record Python work left is
+one produce() call and one small tuple. Rebalance callbacks and delivery reports run on the calling
+thread, inside consume(), poll() and flush(). At-least-once only (config refuses exactly_once with this
+client), so no transactions here. Needs neither kafka-python nor torch.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import cast
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -24,17 +24,22 @@ from confluent_kafka import (
     Producer,
 )
 from confluent_kafka import TopicPartition as Partition
-from kafka import TopicPartition
-from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 
 from ..config import KafkaConfig
-from .kafka_python import (
-    CONSUMER_CALL_TIMEOUT_MS,
-    PRODUCER_SETTINGS,
-    KafkaIO,
+from .api import (
+    Failure,
+    Header,
+    Offsets,
     Rebalance,
     Record,
+    TopicPartition,
+    TransportError,
+)
+from .clients import (
+    CONSUMER_CALL_TIMEOUT_MS,
+    PRODUCER_SETTINGS,
+    SECURITY_KEYS,
+    Bookkeeping,
     isolation_level,
 )
 
@@ -47,16 +52,16 @@ UNASSIGNED = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the partitioner picks
 
 def confluent_settings(cfg: KafkaConfig) -> dict[str, object]:
     """The connection and security settings every client gets, in librdkafka's names."""
-    settings: dict[str, object] = {"bootstrap.servers": cfg.bootstrap_servers,
-                                   "security.protocol": cfg.security_protocol}
-    if cfg.security_protocol.startswith("SASL"):
-        settings |= {"sasl.mechanism": cfg.sasl_mechanism, "sasl.username": cfg.sasl_plain_username,
-                     "sasl.password": cfg.sasl_plain_password}
-    if cfg.security_protocol.endswith("SSL"):
-        named = {"ssl.ca.location": cfg.ssl_cafile, "ssl.certificate.location": cfg.ssl_certfile,
-                 "ssl.key.location": cfg.ssl_keyfile, "ssl.key.password": cfg.ssl_password}
-        settings |= {key: value for key, value in named.items() if value}
-        settings["ssl.endpoint.identification.algorithm"] = "https" if cfg.ssl_check_hostname else "none"
+    protocol = cfg.security_protocol
+    settings: dict[str, object] = {"bootstrap.servers": cfg.bootstrap_servers, "security.protocol": protocol}
+    for key, name in SECURITY_KEYS.items():
+        value = getattr(cfg, key)
+        if key.startswith("sasl_") and protocol.startswith("SASL"):
+            settings[name] = value
+        elif key.startswith("ssl_") and key != "ssl_check_hostname" and protocol.endswith("SSL") and value:
+            settings[name] = value
+    if protocol.endswith("SSL"):
+        settings[SECURITY_KEYS["ssl_check_hostname"]] = "https" if cfg.ssl_check_hostname else "none"
     return settings
 
 
@@ -73,9 +78,9 @@ def producer_config(cfg: KafkaConfig) -> dict[str, object]:
         "partitioner": "murmur2_random"}
 
 
-def _kafka_error(exc: KafkaException) -> KafkaError:
-    """The daemon handles kafka-python's KafkaError (a broker away: back off, retry); so do we."""
-    return KafkaError(str(exc.args[0] if exc.args else exc))
+def _transport_error(exc: KafkaException) -> TransportError:
+    """librdkafka's errors as the TransportError the daemon handles (back off, retry)."""
+    return TransportError(str(exc.args[0] if exc.args else exc))
 
 
 @contextmanager
@@ -83,7 +88,7 @@ def _kafka_errors() -> Iterator[None]:
     try:
         yield
     except KafkaException as exc:
-        raise _kafka_error(exc) from exc
+        raise _transport_error(exc) from exc
 
 
 def consume_available(consumer: Consumer, most: int, timeout_s: float) -> list[Message]:
@@ -106,23 +111,28 @@ def _theirs(partitions: Iterable[TopicPartition], offset: Callable[[TopicPartiti
             for tp in partitions]
 
 
-def _headers(m: Message) -> list[tuple[str, bytes | None]]:
+def _headers(m: Message) -> list[Header]:
     """A header name that is not UTF-8 (Kafka allows any bytes; Java clients read it) makes confluent-kafka
     raise SystemError: such a record is read without its headers rather than stopping the daemon."""
     try:
-        return m.headers() or []
+        return cast(list[Header], m.headers() or [])  # a list: we never give a dict to produce()
     except SystemError:
         log.warning("%s/%d/%d: a header name is not UTF-8; the record is read without its headers",
                     m.topic(), m.partition(), m.offset())
         return []
 
 
-class ConfluentIO(KafkaIO):
-    """KafkaIO on confluent-kafka."""
+
+class ConfluentTransport(Bookkeeping):
+    """One consumer in the group plus one idempotent producer, on librdkafka."""
 
     def __init__(self, cfg: KafkaConfig, rebalance: Rebalance) -> None:
+        super().__init__(cfg)
         self._delivered: dict[int, Callable[[object, Message], None]] = {}  # one report callback per source
-        super().__init__(cfg, rebalance)
+        with _kafka_errors():
+            self.producer = Producer(producer_config(cfg))
+        self.copartitioned = self._same_partition_count(cfg.input_topic, cfg.output_topic)
+        self.consumer = self._subscribe(rebalance)
 
     def _subscribe(self, rebalance: Rebalance) -> Consumer:
         cfg = self.cfg
@@ -142,20 +152,26 @@ class ConfluentIO(KafkaIO):
                                on_lost=lambda _, partitions: rebalance.on_lost(_ours(partitions)))
         return consumer
 
-    def _new_producer(self) -> Producer:
-        with _kafka_errors():
-            return Producer(producer_config(self.cfg))
+    def _same_partition_count(self, source: str, sink: str) -> bool:
+        """Whether predictions can go to their event's partition number (see send_prediction)."""
+        try:
+            return self._partitions(source) == self._partitions(sink)
+        except TransportError:
+            return False
 
     def _partitions(self, topic: str) -> set[int]:
         with _kafka_errors():
             metadata = self.producer.list_topics(topic, timeout=CALL_TIMEOUT_S).topics[topic]
         if metadata.error is not None:
-            raise KafkaError(str(metadata.error))
+            raise TransportError(str(metadata.error))
         return set(metadata.partitions)
 
-    def _close_producer(self, timeout_s: float | None = None) -> None:
-        """librdkafka's producer has no close: flush what it can, then let it go."""
-        self.producer.flush(CALL_TIMEOUT_S if timeout_s is None else timeout_s)
+    def reopen_producer(self) -> None:
+        """One that refused records may be left unusable (a fatal idempotence error)."""
+        with _kafka_errors():
+            fresh = Producer(producer_config(self.cfg))  # may raise: the old one stays, its sends keep failing
+        self.producer.flush(0)  # librdkafka's producer has no close: let it go
+        self.producer = fresh
 
     def poll(self, timeout_ms: int | None = None) -> list[Record]:
         """Also serves the producer's delivery reports, which is where refusals are noticed."""
@@ -165,12 +181,13 @@ class ConfluentIO(KafkaIO):
             messages = consume_available(self.consumer, self.cfg.max_poll_records, timeout / 1000)
         records = []
         for m in messages:
-            if m.error() is not None:  # a partition or broker problem; librdkafka retries by itself
-                if m.error().fatal():
-                    raise KafkaError(str(m.error()))
+            error = m.error()
+            if error is not None:  # a partition or broker problem; librdkafka retries by itself
+                if error.fatal():
+                    raise TransportError(str(error))
                 continue
-            records.append(Record(m.topic(), m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value(),
-                                  _headers(m)))
+            records.append(Record(m.topic(), m.partition(), m.offset(), m.timestamp()[1],  # type: ignore[arg-type]
+                                  m.key(), m.value(), _headers(m)))  # a consumed message has topic and offset
         return records
 
     def _produce(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
@@ -180,30 +197,44 @@ class ConfluentIO(KafkaIO):
         deadline = None
         while True:  # once per record: plain try/except, no context manager
             try:
-                self.producer.produce(topic, value, key, partition, on_delivery=on_delivery, headers=headers)
+                self.producer.produce(topic, value, key, partition, on_delivery=on_delivery,
+                                      headers=headers)  # type: ignore[arg-type]  # list invariance: bytes values
                 return
             except BufferError:  # the local queue is full: wait for deliveries to make room
                 deadline = deadline or time.monotonic() + MAX_BLOCK_S
                 if time.monotonic() > deadline:
-                    raise KafkaError(f"producer queue still full after {MAX_BLOCK_S:.0f} s") from None
+                    raise TransportError(f"producer queue still full after {MAX_BLOCK_S:.0f} s") from None
                 self.producer.poll(0.05)
             except KafkaException as exc:
-                raise _kafka_error(exc) from exc
+                raise _transport_error(exc) from exc
 
     def _report(self, source: int, error: object, message: Message) -> None:
         if error is not None:
-            self._fail(source, message.topic(), KafkaError(str(error)))
+            self._fail(source, message.topic() or "", TransportError(str(error)))
 
-    def _flush_producer(self) -> None:
+    def flush(self) -> dict[int, Failure]:
         self.producer.flush()
+        return self._take_failures()
 
-    def _commit_offsets(self, offsets: dict[TopicPartition, OffsetAndMetadata], wait: bool) -> None:
+    def commit(self, offsets: Offsets, wait: bool = True) -> None:
         """Always synchronous: rebalance callbacks run on our thread, so a revoked partition's commit can
-        land before its next owner reads it."""
-        with _kafka_errors():
-            self.consumer.commit(offsets=_theirs(offsets, lambda tp: offsets[tp].offset), asynchronous=False)
+        land before its next owner reads it. A commit that fails stays pending for the next checkpoint."""
+        if not offsets:
+            return
+        try:
+            with _kafka_errors():
+                self.consumer.commit(offsets=_theirs(offsets, offsets.__getitem__), asynchronous=False)
+        except TransportError as exc:
+            log.warning("offset commit failed (%r); retried at the next checkpoint unless the partitions have "
+                        "moved, in which case their new owner processes the events since the last commit", exc)
+            return
+        self._remember(offsets)
+
+    def abort(self) -> None:
+        """No transactions on this client: nothing to drop."""
 
     def rewind(self, tp: TopicPartition) -> None:
+        """From auto_offset_reset's end if nothing is committed."""
         committed = self._committed_offset(tp)
         if committed is None:
             committed = OFFSET_BEGINNING if self.cfg.auto_offset_reset == "earliest" else OFFSET_END
@@ -229,7 +260,7 @@ class ConfluentIO(KafkaIO):
             with _kafka_errors():
                 low, high = self.consumer.get_watermark_offsets(Partition(tp.topic, tp.partition),
                                                                 timeout=CALL_TIMEOUT_S)
-        except KafkaError:
+        except TransportError:
             return None
         return low if self.cfg.auto_offset_reset == "earliest" else high
 
@@ -251,8 +282,7 @@ class ConfluentIO(KafkaIO):
         return out
 
     def close(self) -> None:
-        """Leave the group so partitions move on at once, not after a session timeout."""
         try:
             self.consumer.close()
         finally:
-            self._close_producer()
+            self.producer.flush(CALL_TIMEOUT_S)  # librdkafka's producer has no close: flush what it can

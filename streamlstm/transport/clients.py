@@ -1,0 +1,181 @@
+"""What both back-ends share: the settings they give their clients, and the bookkeeping of a Transport.
+
+The bookkeeping (which offsets are done and which committed, which source partitions the broker
+refused, which records still go out) is the same whatever the client; the calls into the client are
+each back-end's own (kafka_python.py, confluent.py), as Faust's drivers share a base. Knows nothing of
+any client library, of torch or of models.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import Any
+
+from ..config import KafkaConfig
+from .api import Failure, Header, Offsets, Record, TopicPartition, TransportError
+
+log = logging.getLogger(__name__)
+
+# Batches of 256 KiB: a checkpoint writes many state records at once (16 KiB made 4x more requests).
+# Bounded waits (kafka-python's are 60 s to block in send() and 120 s to deliver): a record that cannot
+# be delivered fails within 20 s and is redone, so the loop never looks hung to its liveness probe.
+PRODUCER_SETTINGS: dict[str, Any] = {"acks": "all", "linger_ms": 5, "batch_size": 256 * 1024, "max_block_ms": 5000,
+                     "request_timeout_ms": 10000, "delivery_timeout_ms": 20000}
+CONSUMER_CALL_TIMEOUT_MS = 5000  # commits and committed-offset lookups while the broker is away
+
+# Our security keys (kafka-python's names) and librdkafka's names for them.
+SECURITY_KEYS = {"security_protocol": "security.protocol", "sasl_mechanism": "sasl.mechanism",
+                 "sasl_plain_username": "sasl.username", "sasl_plain_password": "sasl.password",
+                 "ssl_cafile": "ssl.ca.location", "ssl_certfile": "ssl.certificate.location",
+                 "ssl_keyfile": "ssl.key.location", "ssl_password": "ssl.key.password",
+                 "ssl_check_hostname": "ssl.endpoint.identification.algorithm"}
+
+DLQ_PREFIX = "streamlstm."
+DLQ_REASON = DLQ_PREFIX + "reason"
+DLQ_DETAIL = DLQ_PREFIX + "detail"
+DLQ_SOURCE = DLQ_PREFIX + "source"
+
+UNREADABLE_INPUT = ("Set kafka.client: confluent, which reads such a record without its unreadable headers, or "
+                    "move the group past it (kafka-consumer-groups --reset-offsets --shift-by 1 on the partition "
+                    "whose lag stopped falling)")
+UNREADABLE_CHANGELOG = ("The changelog is the daemon's own: set state.changelog_topic to a new name (its keys then "
+                        "start from zero state)")
+
+
+def isolation_level(cfg: KafkaConfig) -> str:
+    """Under exactly_once, records of aborted transactions (ours or upstream's) are never read."""
+    return "read_committed" if cfg.processing_guarantee == "exactly_once" else "read_uncommitted"
+
+
+def forwarded(headers: list[Header]) -> list[tuple[str, bytes]]:
+    """An input record's headers as they are written again, on either client: a null value (Kafka allows
+    one, Java clients write them) goes out empty, since kafka-python's producer refuses null values
+    (a TypeError that would stop the daemon at that event every time it is read)."""
+    return [(name, b"" if value is None else value) for name, value in headers]
+
+
+def dead_letter_headers(record: Record, reason: str, detail: str) -> list[tuple[str, bytes]]:
+    """The original's headers (a null value empty), then why and where from in headers of ours
+    (replacing any from an earlier pass through the dead-letter topic)."""
+    return [
+        *(header for header in forwarded(record.headers) if not header[0].startswith(DLQ_PREFIX)),
+        (DLQ_REASON, reason.encode()),
+        (DLQ_DETAIL, detail.encode("utf-8", "replace")),
+        (DLQ_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
+    ]
+
+
+class Bookkeeping(ABC):
+    """A Transport's state that is not the client's: offsets done and committed, partitions failed.
+
+    A back-end provides `_produce` (hand one record to its producer; a refusal, then or later, calls
+    `_fail`), `flush`, `commit`, and the consumer calls of the Transport protocol.
+    """
+
+    def __init__(self, cfg: KafkaConfig) -> None:
+        self.cfg = cfg
+        self._done: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._failed: dict[int, Failure] = {}  # by source partition; written on the producer's thread too
+        self.copartitioned = False
+
+    @abstractmethod
+    def _produce(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
+                 headers: list[tuple[str, bytes]] | None) -> None:
+        """Hand one record to the producer; a refusal later fails `source`. May raise TransportError."""
+
+    def _send(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
+              headers: list[tuple[str, bytes]] | None = None, offset: int | None = None) -> None:
+        """Never raises: a refusal, now or after the producer's retries, fails the source partition.
+
+        A failed partition's records after the failed one are not even sent: it will be redone from its
+        last commit. `offset` is the source record's (None: a state record, after everything): a poll's
+        dead letters go out before its predictions, so the predictions of the events before a refused
+        dead letter are still sent.
+        """
+        failure = self._failed.get(source)
+        if failure is not None and (offset is None or failure.offset is None or offset > failure.offset):
+            return
+        try:
+            self._produce(source, topic, key, value, partition, headers)
+        except TransportError as exc:
+            self._fail(source, topic, exc, offset)
+
+    def _fail(self, source: int, topic: str, error: Exception, offset: int | None = None) -> None:
+        self._failed.setdefault(source, Failure(topic, error, offset))
+
+    def _take_failures(self) -> dict[int, Failure]:
+        failed, self._failed = self._failed, {}
+        return failed
+
+    def send_prediction(self, record: Record, value: bytes) -> None:
+        """With the event's headers (trace context, correlation ids), as Kafka Streams forwards them.
+
+        Co-partitioned (as many output partitions as input ones), a prediction goes to its event's
+        partition number, beside the key's events and state; otherwise the producer hashes the key.
+        """
+        partition = record.partition if self.copartitioned else None
+        self._send(record.partition, self.cfg.output_topic, key=record.key, value=value, partition=partition,
+                   headers=forwarded(record.headers) if record.headers else None, offset=record.offset)
+
+    def send_dead_letter(self, record: Record, reason: str, detail: str) -> None:
+        """The original key, value and headers, so it can be fixed and sent again."""
+        self._send(record.partition, self.cfg.dlq_topic, key=record.key, value=record.value,
+                   headers=dead_letter_headers(record, reason, detail), offset=record.offset)
+
+    def send_state(self, topic: str, partition: int, key: bytes, value: bytes | None,
+                   headers: list[tuple[str, bytes]] | None = None) -> None:
+        self._send(partition, topic, key=key, value=value, partition=partition, headers=headers)
+
+    def mark_done(self, records: list[Record]) -> None:
+        """A partition's last record counts."""
+        last = {(record.topic, record.partition): record.offset for record in records}
+        for (topic, partition), offset in last.items():
+            self._done[TopicPartition(topic, partition)] = offset + 1
+
+    def done(self, tp: TopicPartition) -> int | None:
+        return self._done.get(tp)
+
+    def pending(self, partitions: set[TopicPartition] | None = None) -> Offsets:
+        return {
+            tp: offset
+            for tp, offset in self._done.items()
+            if (partitions is None or tp in partitions) and self._committed.get(tp) != offset
+        }
+
+    def _remember(self, offsets: Offsets) -> None:
+        self._committed.update(offsets)
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            self._done.pop(tp, None)
+            self._committed.pop(tp, None)
+
+    @abstractmethod
+    def flush(self) -> dict[int, Failure]:
+        """Wait for the broker to acknowledge everything sent; return the source partitions it refused."""
+
+    @abstractmethod
+    def commit(self, offsets: Offsets, wait: bool = True) -> None:
+        """Commit offsets whose records the broker has acknowledged (flush first, leave out failures)."""
+
+    def _revoked_scope(self, partitions: set[TopicPartition]) -> set[TopicPartition] | None:
+        """Which pending offsets a revocation commits: the revoked partitions' (None: all of them)."""
+        return partitions
+
+    def commit_revoked(self, partitions: set[TopicPartition]) -> None:
+        """Flush and commit partitions being taken away, before the new owner starts on them.
+
+        Called inside the consumer's poll (kafka-python: on its IO thread, so the commit is asynchronous).
+        Failed partitions are not committed; the others' failures are kept for the next checkpoint.
+        """
+        failed = self.flush()
+        self._failed.update({p: f for p, f in failed.items() if TopicPartition(self.cfg.input_topic, p)
+                             not in partitions})
+        if failed:
+            log.warning("not committing revoked partitions %s: the broker refused their records (%r)",
+                        sorted(failed), next(iter(failed.values())).error)
+        pending = self.pending(self._revoked_scope(partitions))
+        self.commit({tp: offset for tp, offset in pending.items() if tp.partition not in failed}, wait=False)
+        self.forget(partitions)
