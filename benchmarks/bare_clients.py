@@ -22,7 +22,7 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import OffsetAndMetadata
 
-# The daemon's defaults (streamlstm.transport.kafka_python.PRODUCER_SETTINGS and config.KafkaConfig / StateConfig),
+# The daemon's defaults (streamlstm.transport.clients.PRODUCER_SETTINGS and config.KafkaConfig / StateConfig),
 # repeated rather than imported so that this process stays as light as a user's own relay would be.
 PRODUCER_SETTINGS = {"acks": "all", "linger_ms": 5, "batch_size": 256 * 1024, "max_block_ms": 5000,
                      "request_timeout_ms": 10000, "delivery_timeout_ms": 20000}

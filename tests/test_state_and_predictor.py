@@ -134,3 +134,112 @@ def test_no_event_the_decoder_accepts_can_make_a_keys_state_non_finite(model_dir
         assert np.isfinite(predictor.advance(keys, [e.features for e in events]).predictions).all()
     h, c = predictor.table.gather(predictor.table.rows(keys))
     assert torch.isfinite(h).all() and torch.isfinite(c).all()
+
+
+def test_advance_returns_each_steps_batch_size_and_time(model_dir):
+    predictor = StreamingPredictor(load_artifact(model_dir), CPU)
+    keys = [(0, "a"), (0, "b"), (0, "a"), (0, "c"), (0, "a")]
+    result = predictor.advance(keys, [[10.0, 20.0, 12.0]] * len(keys))
+    assert [size for size, _ in result.step_stats] == [3, 1, 1]
+    assert all(seconds >= 0 for _, seconds in result.step_stats)
+    assert not hasattr(predictor, "step_stats")
+
+
+def poison_scratch_row(table: StateTable) -> None:
+    """What a fixed-size step's padding may leave in the scratch row."""
+    for buffer in table.padded_storage():
+        buffer[:, table.scratch_row] = float("nan")
+
+
+def test_the_scratch_row_is_past_every_key_and_moves_to_the_new_capacity_on_growth():
+    table = StateTable(num_layers=2, hidden_size=3, device=CPU, capacity=2)
+    seen = set()
+    for capacity in (2, 4, 8, 16):
+        padded_h, padded_c = table.padded_storage()
+        assert table.scratch_row == capacity == table.h.shape[1] == table.c.shape[1]
+        assert padded_h.shape == padded_c.shape == (2, capacity + 1, 3)
+        assert table.h.data_ptr() == padded_h.data_ptr() and table.c.data_ptr() == padded_c.data_ptr()
+        poison_scratch_row(table)
+        rows = table.rows([(0, f"k{i}") for i in range(len(seen), capacity)]).tolist()
+        assert all(row < capacity for row in rows) and not seen & set(rows)
+        seen.update(rows)
+        more = table.rows([(0, f"k{capacity}")])  # grows: the old scratch row becomes a key's row
+        assert more.item() == capacity and table.scratch_row == 2 * capacity
+        h, c = table.gather(more)
+        assert h.abs().sum() == 0 and c.abs().sum() == 0  # the key starts at zero, not with the padding's
+        seen.add(capacity)
+
+
+def test_the_storage_generation_changes_exactly_when_h_and_c_are_reallocated():
+    table = StateTable(num_layers=1, hidden_size=2, device=CPU, capacity=4)
+    generation = table.storage_generation
+    padded = table.padded_storage()
+
+    def reallocated() -> bool:
+        nonlocal generation, padded
+        now = table.padded_storage()
+        changed = table.storage_generation != generation
+        assert changed == (now[0].data_ptr() != padded[0].data_ptr())
+        assert table.storage_generation - generation in (0, 1)
+        generation, padded = table.storage_generation, now
+        return changed
+
+    rows = table.rows([(0, "a"), (0, "b"), (1, "c"), (1, "d")])
+    table.scatter(rows, torch.ones(1, 4, 2), torch.ones(1, 4, 2))
+    table.reset([int(rows[0])])
+    table.stamp(rows.numpy(), np.arange(4), np.arange(4))
+    table.drop([(0, "a")], [5])
+    table.expire({0: 2})
+    table.forget_shard(1)
+    table.take_changes()
+    table.restart(1, 2)  # the same shape: the same buffers
+    assert not reallocated()
+    table.rows([(0, f"k{i}") for i in range(5)])  # past the capacity of 4
+    assert reallocated()
+    restored = table.export([table.row((0, f"k{i}")) for i in range(3)])
+    restored.keys = [(2, f"k{i}") for i in range(3)]
+    table.load(restored)  # 8 keys in 8 rows
+    assert not reallocated()
+    restored.keys = [(3, f"k{i}") for i in range(3)]
+    table.load(restored)  # 11 keys: grows once, to 11 rows
+    assert reallocated() and table.scratch_row == 11
+    table.restart(3, 2)  # another shape
+    assert reallocated() and table.h.shape == (3, 11, 2) and table.scratch_row == 11 and len(table) == 0
+
+
+def test_state_exported_and_loaded_is_unaffected_by_the_scratch_row():
+    gen = torch.Generator().manual_seed(0)
+    table = StateTable(num_layers=2, hidden_size=3, device=CPU, capacity=2)
+    keys = [(i % 2, f"k{i}") for i in range(5)]
+    rows = table.rows(keys)
+    h, c = torch.randn(2, 5, 3, generator=gen), torch.randn(2, 5, 3, generator=gen)
+    table.scatter(rows, h, c)
+    table.stamp(rows.numpy(), np.arange(5), np.arange(5) * 10)
+    poison_scratch_row(table)
+    changes = table.take_changes()
+    assert changes.changed.keys == keys
+    assert np.array_equal(changes.changed.h, h.numpy()) and np.array_equal(changes.changed.c, c.numpy())
+
+    other = StateTable(num_layers=2, hidden_size=3, device=CPU, capacity=1)
+    poison_scratch_row(other)
+    other.load(changes.changed)
+    poison_scratch_row(other)
+    again = other.export([other.row(k) for k in keys])
+    assert again.keys == keys and np.array_equal(again.h, h.numpy()) and np.array_equal(again.c, c.numpy())
+    assert again.steps.tolist() == [1] * 5 and again.offsets.tolist() == list(range(5))
+    assert torch.isfinite(other.h).all() and torch.isfinite(other.c).all()
+
+
+def test_the_eager_step_never_reads_the_scratch_row(model_dir):
+    """Garbage in the scratch row (a graph's padding writes it) changes no prediction, growth included."""
+    artifact = load_artifact(model_dir)
+    clean = StreamingPredictor(artifact, CPU, table=StateTable(2, 16, CPU, capacity=4))
+    poisoned = StreamingPredictor(artifact, CPU, table=StateTable(2, 16, CPU, capacity=4))
+    rng = random.Random(1)
+    for _ in range(6):
+        keys = [(0, f"k{rng.randrange(30)}") for _ in range(rng.randrange(1, 20))]
+        features = [[rng.gauss(10, 3), rng.gauss(20, 5), rng.randrange(24)] for _ in keys]
+        poison_scratch_row(poisoned.table)
+        a, b = clean.advance(keys, features), poisoned.advance(keys, features)
+        assert np.array_equal(a.predictions, b.predictions) and np.array_equal(a.steps, b.steps)
+    assert poisoned.table.scratch_row > 4

@@ -4,13 +4,14 @@ Why: at thousands of keys per step the eager step is a few dozen small kernel la
 them from Python costs more than running them. A graph replays all of them with one launch.
 
 - Fixed sizes: a graph per power-of-two batch size from MIN_BATCH up to `max_batch`, captured the first
-  time it is needed. A step of n keys runs the smallest graph holding n; the padding slots point at a
-  scratch row, so they read and write only that row and never a key's state.
-- The scratch row: this class keeps the table's h and c in buffers one row longer than the table's
-  capacity and hands the table views of all but the last row. The table never gives that row to a key.
-- Growth: when the table grows it allocates new h and c (torch.cat), so the graphs would still point at
-  the old ones. Before each step the storage is checked; after a growth it is adopted again (one copy)
-  and the graphs are captured anew as they are needed. Growth doubles the table, so this is rare.
+  time it is needed. A step of n keys runs the smallest graph holding n; the padding slots point at the
+  table's scratch row (StateTable.scratch_row, never given to a key), so they read and write only that
+  row and never a key's state.
+- The storage: the graphs run on the table's own h and c, the buffers of StateTable.padded_storage
+  (scratch row included), and hold their addresses. When the table reallocates them (it grows, or
+  restarts with another shape) its storage_generation changes; before each step this is checked, and
+  after a change the graphs are dropped and captured anew on the new buffers as they are needed.
+  Growth doubles the table, so this is rare.
 - Transfers: a step's rows and inputs travel in one pinned buffer as one host→device copy, its
   predictions come back as one device→host copy into pinned memory, and the caller waits once per poll.
 - The cell: the fused Triton kernel of fused_cell.py where available (one launch per layer that gathers h and
@@ -47,9 +48,9 @@ class GraphedStep:
         self._out = torch.empty(max_batch, spec.output_size, device=device)
         self._host_in = torch.empty(0, dtype=torch.uint8, pin_memory=True)
         self._host_out = torch.empty(0, spec.output_size, pin_memory=True)
-        self._h = self._c = torch.empty(0, device=device)
+        self._generation: int | None = None  # the table's storage_generation that _h, _c and the graphs are of
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._pool = None
+        self._follow_storage()
 
     @staticmethod
     def size_for(n: int) -> int:
@@ -62,7 +63,7 @@ class GraphedStep:
         starts over) are zeroed first; `rows` are distinct, at most `max_batch`. `x` holds the normalised
         inputs (float32), one line per row of all steps in order. Returns the predictions and the rows'
         step counts in that order, and each step's device time in seconds (waits for the device once)."""
-        self._adopt_storage()
+        self._follow_storage()
         sizes = [self.size_for(len(rows)) for rows, _ in steps]
         host_in = self._pinned_in(sum(sizes) * self._slot_bytes)
         host_out = self._pinned_out(len(x))
@@ -73,7 +74,7 @@ class GraphedStep:
             graph = self._graphs.get(size) or self._capture(size)
             staged = host_in[slot * self._slot_bytes:(slot + size) * self._slot_bytes]
             idx, inp = (t.numpy() for t in self._views(staged, size))
-            idx[:n], idx[n:] = rows.numpy(), self.table.h.shape[1]  # padding: the scratch row
+            idx[:n], idx[n:] = rows.numpy(), self.table.scratch_row
             inp[:n], inp[n:] = x[done:done + n], 0.0
             if resets:
                 self.table.reset(resets)
@@ -96,23 +97,18 @@ class GraphedStep:
         inp = staged[8 * size:self._slot_bytes * size].view(torch.float32).view(size, -1)
         return idx, inp
 
-    def _adopt_storage(self) -> None:
-        """Make the table's h and c views of our buffers with the extra scratch row (see the module doc)."""
-        table = self.table
-        if table.h.data_ptr() == self._h.data_ptr() and table.h.shape[1] + 1 == self._h.shape[1]:
+    def _follow_storage(self) -> None:
+        """Step on the table's h and c as they are now: new buffers take new graphs (see the module doc)."""
+        if self._generation == self.table.storage_generation:
             return
-        layers, capacity, hidden = table.h.shape
-        self._h = table.h.new_zeros(layers, capacity + 1, hidden)
-        self._c = torch.zeros_like(self._h)
-        self._h[:, :capacity] = table.h
-        self._c[:, :capacity] = table.c
-        table.h, table.c = self._h[:, :capacity], self._c[:, :capacity]
+        self._h, self._c = self.table.padded_storage()
+        self._generation = self.table.storage_generation
         self._graphs.clear()
         self._pool = torch.cuda.graph_pool_handle()
 
     def _capture(self, size: int) -> torch.cuda.CUDAGraph:
         idx, inp = self._views(self._staged, size)
-        idx.fill_(self.table.h.shape[1])  # warm-up steps touch only the scratch row
+        idx.fill_(self.table.scratch_row)  # warm-up steps touch only the scratch row
         inp.zero_()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

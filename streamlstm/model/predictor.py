@@ -58,6 +58,7 @@ class Advance(NamedTuple):
     predictions: np.ndarray  # [n, outputs]
     steps: np.ndarray  # each key's step count after its event
     rows: np.ndarray  # each key's row in the state table
+    step_stats: list[tuple[int, float]]  # (batch size, seconds) of every step taken, for the caller's metrics
 
 
 class StreamingPredictor:
@@ -70,7 +71,6 @@ class StreamingPredictor:
         self.layers = layer_weights(self.model.lstm)
         spec = artifact.spec
         self.table = table if table is not None else StateTable(spec.num_layers, spec.hidden_size, device)
-        self.step_stats: list[tuple[int, float]] = []
         self.graphed: GraphedStep | None = None
         if cuda_graphs and device.type == "cuda":
             # Imported here: Triton comes with it, and a CPU process never loads Triton.
@@ -85,17 +85,14 @@ class StreamingPredictor:
     def advance(
         self, keys: Sequence[StateKey], features: Sequence[Sequence[float]], fresh: np.ndarray | None = None
     ) -> Advance:
-        """Apply one event per position, in order; `fresh[i]` zeroes the key's state before event i.
-
-        `step_stats` then holds (batch size, seconds) for every step taken, for the caller's metrics.
-        """
+        """Apply one event per position, in order; `fresh[i]` zeroes the key's state before event i."""
         if self.graphed is not None and len(keys):
-            return self._advance_graphed(keys, features, fresh)
-        self.step_stats = []
+            return self._advance_graphed(self.graphed, keys, features, fresh)
         rows = self.table.rows(keys)
         x = self.model.normalise(torch.from_numpy(np.array(features, dtype=np.float32)).to(self.device))
         top = torch.empty(len(keys), self.model.spec.hidden_size, device=self.device)
         steps = torch.empty(len(keys), dtype=torch.int64)
+        stats: list[tuple[int, float]] = []
         for positions in step_rounds(rows.numpy()):
             started = time.perf_counter()
             pos = torch.from_numpy(positions)
@@ -107,18 +104,17 @@ class StreamingPredictor:
             h, c = lstm_step(x.index_select(0, pos_dev), h, c, self.layers)
             steps[pos] = self.table.scatter(step_rows, h, c)
             top.index_copy_(0, pos_dev, h[-1])
-            self.step_stats.append((len(positions), time.perf_counter() - started))
+            stats.append((len(positions), time.perf_counter() - started))
         predictions = self.model.predictions(self.model.head(top))
-        return Advance(predictions.cpu().numpy(), steps.numpy(), rows.numpy())
+        return Advance(predictions.cpu().numpy(), steps.numpy(), rows.numpy(), stats)
 
-    def _advance_graphed(
-        self, keys: Sequence[StateKey], features: Sequence[Sequence[float]], fresh: np.ndarray | None
-    ) -> Advance:
+    def _advance_graphed(self, graphed: GraphedStep, keys: Sequence[StateKey], features: Sequence[Sequence[float]],
+                         fresh: np.ndarray | None) -> Advance:
         """advance through GraphedStep: the same steps, inputs normalised on the host (same float32 math)."""
         rows = self.table.rows(keys)
         x = (np.asarray(features, dtype=np.float32) - self._mean) / self._std
         order, steps = [], []
-        most = self.graphed.max_batch
+        most = graphed.max_batch
         for positions in step_rounds(rows.numpy()):
             for chunk in (positions[i:i + most] for i in range(0, len(positions), most)):
                 step_rows = rows[torch.from_numpy(chunk)]
@@ -126,10 +122,10 @@ class StreamingPredictor:
                 steps.append((step_rows, resets))
                 order.append(chunk)
         done = np.concatenate(order)
-        predictions, counts, seconds = self.graphed.run(steps, x[done])
+        predictions, counts, seconds = graphed.run(steps, x[done])
         by_event = np.empty_like(predictions)
         by_event[done] = predictions
         step_counts = np.empty(len(keys), dtype=np.int64)
         step_counts[done] = counts
-        self.step_stats = [(len(step_rows), s) for (step_rows, _), s in zip(steps, seconds)]
-        return Advance(by_event, step_counts, rows.numpy())
+        stats = [(len(step_rows), s) for (step_rows, _), s in zip(steps, seconds)]
+        return Advance(by_event, step_counts, rows.numpy(), stats)

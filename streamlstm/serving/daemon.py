@@ -334,11 +334,10 @@ class Daemon:
                           int(time.time() * 1000))
         if plan.steps:
             stepping = [accepted[i] for i in plan.steps]
-            result = self.predictor.advance([keys[i] for i in plan.steps], [e.features for _, e in stepping],
-                                            np.array(plan.fresh))
+            result = self.predictor.advance([keys[i] for i in plan.steps], plan.features, np.array(plan.fresh))
             self.predictor.table.stamp(result.rows, np.array([r.offset for r, _ in stepping], dtype=np.int64),
                                        np.array(plan.times, dtype=np.int64))
-            for size, seconds in self.predictor.step_stats:
+            for size, seconds in result.step_stats:
                 m.step_batch.observe(size)
                 m.step_duration.observe(seconds)
             version = self.predictor.version

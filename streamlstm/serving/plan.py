@@ -60,6 +60,7 @@ class Plan:
     """A batch's accepted events, as steps: which positions step, which start from zero, who is dropped."""
 
     steps: list[int] = field(default_factory=list)
+    features: list[list[float]] = field(default_factory=list)  # of each step
     fresh: list[bool] = field(default_factory=list)
     times: list[int] = field(default_factory=list)
     tombstones: dict[StateKey, int] = field(default_factory=dict)  # dropped at the batch's end, at this offset
@@ -89,6 +90,7 @@ def plan_batch(keys: Sequence[StateKey], events: Sequence[Event], offsets: Seque
             continue
         plan.tombstones.pop(key, None)  # it comes back: the tombstone would drop the state it steps to
         plan.steps.append(i)
+        plan.features.append(event.features)
         plan.fresh.append(event.reset or expired or (key in last and last[key] is None))
         plan.times.append(t)
         last[key] = t

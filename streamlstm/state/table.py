@@ -6,12 +6,20 @@ restored together. Besides h and c, a row remembers its step count, the position
 applied (`offset`) and that event's time (`time`, for expiry). The table records which keys changed and
 which were dropped since the last `take_changes`, which is what a checkpoint writes out.
 The table knows nothing of Kafka or of the step math.
+
+h and c hold one row past the capacity, the scratch row, that is never given to a key: a step of a
+fixed size (the CUDA graphs of graphed_step.py) points its padding slots there. `h` and `c` are views
+without it; the table's own index operations run on the whole buffers, because index_select on such a
+view takes a slow path on the CPU (50-200x slower at 1 024-8 192 rows). The buffers are reallocated only
+when the table grows or restarts with another shape, and `storage_generation` counts the allocations, so
+whatever holds their addresses (a captured graph) knows when to take them anew.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -49,8 +57,8 @@ class StateTable:
         self._free = list(range(capacity - 1, -1, -1))
         self._dirty: set[int] = set()
         self._dropped: list[tuple[StateKey, int]] = []
-        self.h = torch.zeros(num_layers, capacity, hidden_size, device=device)
-        self.c = torch.zeros_like(self.h)
+        self.storage_generation = 0
+        self._allocate(num_layers, hidden_size)
         self.steps = torch.zeros(capacity, dtype=torch.int64)
         self.offsets = np.full(capacity, -1, dtype=np.int64)
         self.times = np.zeros(capacity, dtype=np.int64)
@@ -59,8 +67,43 @@ class StateTable:
     def __len__(self) -> int:
         return len(self._rows)
 
+    @property
+    def h(self) -> torch.Tensor:
+        """Every row's h, [layers, capacity, hidden]: a view to read or write in place, not to keep."""
+        return self._h[:, :self.scratch_row]
+
+    @property
+    def c(self) -> torch.Tensor:
+        """Every row's c, as `h`."""
+        return self._c[:, :self.scratch_row]
+
+    @property
+    def scratch_row(self) -> int:
+        """The row past the capacity that no key is ever given: padding may read and write it."""
+        return len(self._keys)
+
+    def padded_storage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """h and c with the scratch row, [layers, capacity + 1, hidden]; valid until storage_generation changes."""
+        return self._h, self._c
+
+    def _allocate(self, num_layers: int, hidden_size: int, kept: int = 0) -> None:
+        """New zeroed h and c for the capacity and the scratch row; the first `kept` rows are copied over."""
+        h = torch.zeros(num_layers, len(self._keys) + 1, hidden_size, device=self.device)
+        c = torch.zeros_like(h)
+        if kept:
+            h[:, :kept] = self._h[:, :kept]
+            c[:, :kept] = self._c[:, :kept]
+        self._h: torch.Tensor = h
+        self._c: torch.Tensor = c
+        self.storage_generation += 1
+
     def row(self, key: StateKey) -> int | None:
         return self._rows.get(key)
+
+    def _keys_of(self, rows: Iterable[int]) -> list[StateKey]:
+        """The keys of rows that hold one (the caller knows: a free row's entry is None)."""
+        keys = cast(list[StateKey], self._keys)
+        return [keys[row] for row in rows]
 
     def rows(self, keys: Sequence[StateKey]) -> torch.Tensor:
         """Row index of each key, giving a key seen for the first time a zeroed row."""
@@ -88,8 +131,8 @@ class StateTable:
     def _clear(self, rows: list[int]) -> None:
         idx = torch.tensor(rows, dtype=torch.int64)
         dev = idx.to(self.device, non_blocking=True)
-        self.h.index_fill_(1, dev, 0.0)
-        self.c.index_fill_(1, dev, 0.0)
+        self._h.index_fill_(1, dev, 0.0)
+        self._c.index_fill_(1, dev, 0.0)
         self.steps[idx] = 0
         self.offsets[rows] = -1
         self.times[rows] = 0
@@ -98,13 +141,12 @@ class StateTable:
         """Grow to `capacity` rows (admitting doubles it: amortised O(1) per key)."""
         old = len(self._keys)
         extra = capacity - old
-        self.h = torch.cat([self.h, self.h.new_zeros(self.h.shape[0], extra, self.h.shape[2])], dim=1)
-        self.c = torch.cat([self.c, self.c.new_zeros(self.c.shape[0], extra, self.c.shape[2])], dim=1)
+        self._keys.extend([None] * extra)
+        self._allocate(self._h.shape[0], self._h.shape[2], kept=old)
         self.steps = torch.cat([self.steps, self.steps.new_zeros(extra)])
         self.offsets = np.concatenate([self.offsets, np.full(extra, -1, dtype=np.int64)])
         self.times = np.concatenate([self.times, np.zeros(extra, dtype=np.int64)])
         self.shards = np.concatenate([self.shards, np.full(extra, -1, dtype=np.int64)])
-        self._keys.extend([None] * extra)
         self._free.extend(range(capacity - 1, old - 1, -1))
 
     def reset(self, rows: list[int]) -> None:
@@ -113,7 +155,7 @@ class StateTable:
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = rows.to(self.device, non_blocking=True)
-        return self.h.index_select(1, idx), self.c.index_select(1, idx)
+        return self._h.index_select(1, idx), self._c.index_select(1, idx)
 
     def scatter(self, rows: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Store a step's result and return each row's step count after it.
@@ -121,8 +163,8 @@ class StateTable:
         Rows must be distinct: index_copy_ with duplicate indices is undefined.
         """
         idx = rows.to(self.device, non_blocking=True)
-        self.h.index_copy_(1, idx, h)
-        self.c.index_copy_(1, idx, c)
+        self._h.index_copy_(1, idx, h)
+        self._c.index_copy_(1, idx, c)
         return self.stepped(rows)
 
     def stepped(self, rows: torch.Tensor) -> torch.Tensor:
@@ -169,13 +211,12 @@ class StateTable:
         Nothing is tombstoned: the restore rule skips the old model's records for the new one.
         """
         self._forget(np.flatnonzero(self.shards >= 0).tolist())
-        if (num_layers, hidden_size) != (self.h.shape[0], self.h.shape[2]):
-            self.h = torch.zeros(num_layers, len(self._keys), hidden_size, device=self.device)
-            self.c = torch.zeros_like(self.h)
+        if (num_layers, hidden_size) != (self._h.shape[0], self._h.shape[2]):
+            self._allocate(num_layers, hidden_size)
 
     def _forget(self, rows: list[int]) -> int:
-        for row in rows:
-            del self._rows[self._keys[row]]
+        for row, key in zip(rows, self._keys_of(rows)):
+            del self._rows[key]
             self._release(row)
         return len(rows)
 
@@ -186,7 +227,7 @@ class StateTable:
             by_shard[shard] = cutoff
         shards = np.where(self.shards < len(by_shard), self.shards, -1)  # -1: free rows, never idle
         rows = np.flatnonzero(self.times < by_shard[shards])
-        keys = [self._keys[row] for row in rows.tolist()]
+        keys = self._keys_of(rows.tolist())
         self.drop(keys, self.offsets[rows].tolist())
         return keys
 
@@ -201,7 +242,7 @@ class StateTable:
     def export(self, rows: Sequence[int]) -> Rows:
         idx = torch.tensor(rows, dtype=torch.int64)
         h, c = self.gather(idx)
-        return Rows([self._keys[r] for r in rows], h.cpu().numpy(), c.cpu().numpy(), self.steps[idx].numpy(),
+        return Rows(self._keys_of(rows), h.cpu().numpy(), c.cpu().numpy(), self.steps[idx].numpy(),
                     self.offsets[rows], self.times[rows])
 
     def take_changes(self) -> Changes:
@@ -217,8 +258,8 @@ class StateTable:
             self._grow(needed)
         rows = self.rows(state.keys)
         idx = rows.to(self.device)
-        self.h.index_copy_(1, idx, torch.from_numpy(state.h).to(self.device))
-        self.c.index_copy_(1, idx, torch.from_numpy(state.c).to(self.device))
+        self._h.index_copy_(1, idx, torch.from_numpy(state.h).to(self.device))
+        self._c.index_copy_(1, idx, torch.from_numpy(state.c).to(self.device))
         self.steps[rows] = torch.from_numpy(state.steps)
         self.offsets[rows.numpy()] = state.offsets
         self.times[rows.numpy()] = state.times
