@@ -122,10 +122,9 @@ class MemoryTransport(Bookkeeping):
         self.deliver()
         return self._take_failures()
 
-    def commit(self, offsets: Offsets, wait: bool = True) -> None:
+    def _commit(self, offsets: Offsets, wait: bool) -> None:
         self.calls.append(f"commit {describe(offsets)}".rstrip() + ("" if wait else " (async)"))
         self.broker.committed.update(offsets)
-        self._remember(offsets)
 
     # The consumer's calls.
     def poll(self, timeout_ms: int | None = None) -> list[Record]:

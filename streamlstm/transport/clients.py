@@ -156,9 +156,24 @@ class Bookkeeping(ABC):
     def flush(self) -> dict[int, Failure]:
         """Wait for the broker to acknowledge everything sent; return the source partitions it refused."""
 
-    @abstractmethod
     def commit(self, offsets: Offsets, wait: bool = True) -> None:
-        """Commit offsets whose records the broker has acknowledged (flush first, leave out failures)."""
+        """Commit offsets whose records the broker has acknowledged (flush first, leave out failures).
+
+        A commit that fails is not fatal: the offsets stay pending for the next checkpoint, or, if the
+        group has moved the partition, its next owner processes those events again.
+        """
+        try:
+            self._commit(offsets, wait)
+        except TransportError as exc:
+            log.warning("offset commit failed (%r); retried at the next checkpoint unless the partitions have "
+                        "moved, in which case their new owner processes the events since the last commit", exc)
+            return
+        self._remember(offsets)
+
+    @abstractmethod
+    def _commit(self, offsets: Offsets, wait: bool) -> None:
+        """The client's commit; `wait` False: asynchronous where the client must not block. May raise
+        TransportError."""
 
     def _revoked_scope(self, partitions: set[TopicPartition]) -> set[TopicPartition] | None:
         """Which pending offsets a revocation commits: the revoked partitions' (None: all of them)."""

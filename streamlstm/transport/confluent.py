@@ -216,19 +216,12 @@ class ConfluentTransport(Bookkeeping):
         self.producer.flush()
         return self._take_failures()
 
-    def commit(self, offsets: Offsets, wait: bool = True) -> None:
+    def _commit(self, offsets: Offsets, wait: bool) -> None:
         """Always synchronous: rebalance callbacks run on our thread, so a revoked partition's commit can
-        land before its next owner reads it. A commit that fails stays pending for the next checkpoint."""
-        if not offsets:
-            return
-        try:
+        land before its next owner reads it."""
+        if offsets:
             with _kafka_errors():
                 self.consumer.commit(offsets=_theirs(offsets, offsets.__getitem__), asynchronous=False)
-        except TransportError as exc:
-            log.warning("offset commit failed (%r); retried at the next checkpoint unless the partitions have "
-                        "moved, in which case their new owner processes the events since the last commit", exc)
-            return
-        self._remember(offsets)
 
     def abort(self) -> None:
         """No transactions on this client: nothing to drop."""

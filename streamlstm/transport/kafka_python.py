@@ -174,14 +174,12 @@ class KafkaPythonTransport(Bookkeeping):
             failed = {tp.partition: first for tp in self.pending()} | failed
         return failed
 
-    def commit(self, offsets: Offsets, wait: bool = True) -> None:
-        """Under exactly_once the offsets join the open transaction, which then commits as a whole. A commit
-        that fails is not fatal: the offsets stay pending for the next checkpoint, or, if the group has
-        moved the partition, its next owner processes those events again. `wait`: a synchronous commit;
-        otherwise asynchronous (on kafka-python's IO thread, inside a rebalance, it must be)."""
+    def _commit(self, offsets: Offsets, wait: bool) -> None:
+        """Under exactly_once the offsets join the open transaction, which then commits as a whole. `wait`
+        False: asynchronous (on kafka-python's IO thread, inside a rebalance, it must be)."""
         theirs_ = {KafkaPartition(tp.topic, tp.partition): OffsetAndMetadata(offset, "", -1)
                    for tp, offset in offsets.items()}
-        try:
+        with translated():
             if self.transactional:
                 self._commit_transaction(theirs_)
             elif not offsets:
@@ -190,11 +188,6 @@ class KafkaPythonTransport(Bookkeeping):
                 self.consumer.commit(theirs_, timeout_ms=CONSUMER_CALL_TIMEOUT_MS)
             else:
                 self.consumer.commit_async(theirs_)
-        except KafkaError as exc:
-            log.warning("offset commit failed (%r); retried at the next checkpoint unless the partitions have "
-                        "moved, in which case their new owner processes the events since the last commit", exc)
-            return
-        self._remember(offsets)
 
     def _ensure_transaction(self) -> None:
         if not self._in_transaction:
