@@ -12,7 +12,13 @@ from kafka import TopicPartition as KafkaPartition
 from ..config import KafkaConfig
 from .api import Record, TopicError
 from .clients import UNREADABLE_CHANGELOG
-from .kafka_python import fetched_end, new_consumer, poll_records, quiet_closing
+from .kafka_python import (
+    fetched_end,
+    new_consumer,
+    poll_records,
+    quiet_closing,
+    translated,
+)
 
 
 class ChangelogReader:
@@ -42,10 +48,11 @@ class ChangelogReader:
     def caught_up(self) -> set[int]:
         """Partitions read up to the end the broker last reported (known after their first fetch)."""
         done = set()
-        for tp in self.consumer.assignment():
-            end = fetched_end(self.consumer, tp)
-            if end is not None and self.consumer.position(tp) >= end:
-                done.add(tp.partition)
+        with translated():  # position() may ask the broker
+            for tp in self.consumer.assignment():
+                end = fetched_end(self.consumer, tp)
+                if end is not None and self.consumer.position(tp) >= end:
+                    done.add(tp.partition)
         return done
 
     def close(self) -> None:
