@@ -39,6 +39,7 @@ class KafkaConfig:
     output_topic: str = "predictions"
     dlq_topic: str = "events-dlq"
     group_id: str = "streamlstm"
+    group_instance_id: str = ""
     client_id: str = "streamlstm"
     create_topics: bool = True
     topic_partitions: int = 4

@@ -6,6 +6,7 @@ import torch
 from streamlstm.state import changelog
 from streamlstm.state.changelog import PartitionRestore
 from streamlstm.state.table import Rows, StateTable
+from streamlstm.transport.api import Record
 
 CPU = torch.device("cpu")
 
@@ -92,3 +93,78 @@ def test_under_reset_state_only_the_served_versions_records_are_restored():
     assert restore.rows(2, 3)[0].keys == [(0, "a"), (0, "b")]
     state, incompatible = restore.rows(2, 3, "new-model")
     assert state.keys == [(0, "b")] and incompatible == 1
+
+
+def random_changelog(seed: int, cut: int, n: int = 600) -> list[Record]:
+    """A changelog partition as a restore may find it: few keys, so each has many records; offsets drawn
+    from a narrow range, so equal offsets are common and older ones arrive after newer ones (a zombie's
+    writes); some at or beyond the cut; tombstones; records of another shape or model version; and
+    unreadable ones (garbage, no key, a tombstone without a usable offset, a foreign format byte)."""
+    rng = np.random.default_rng(seed)
+    keys = [f"k{i}" for i in range(12)] + ["ü", "\udcff", "\udcfe"]
+    records = []
+    for i in range(n):
+        name = keys[rng.integers(len(keys))]
+        key = name.encode("utf-8", "surrogateescape")  # b"\xff", b"\xfe": not UTF-8, both read as "\ufffd"
+        offset = int(rng.integers(cut + 5))
+        value, headers = None, changelog.tombstone_headers(offset)
+        kind = rng.choice(["state"] * 12 + ["tombstone"] * 3 + ["wide", "other_model", "garbage", "no_key",
+                                                                    "no_offset", "foreign"])
+        if kind in ("state", "wide", "other_model", "foreign", "no_key"):
+            shaped = rows_of([(0, name)], [offset], hidden=4 if kind == "wide" else 3, seed=i)
+            value, headers = changelog.encode(shaped, "old" if kind == "other_model" else "new")[0], []
+        if kind == "foreign":
+            value = value[:2] + bytes([2]) + value[3:]
+        elif kind == "garbage":
+            value = bytes(rng.integers(256, size=int(rng.integers(60)), dtype=np.uint8))
+        elif kind == "no_offset":
+            headers = [(changelog.TOMBSTONE_OFFSET, [b"soon", b"", None][rng.integers(3)])]
+        records.append(Record("changelog", 0, i, 0, None if kind == "no_key" else key, value, headers))
+    return records
+
+
+def test_a_polls_records_folded_at_once_give_what_folding_them_one_by_one_gives():
+    """add_many (a poll's records at once, as Restorer feeds them) keeps exactly what add keeps, counts
+    the same and gives the same rows, whatever the polls' sizes; both keep per key the record with the
+    highest source offset below the cut, the later of equal offsets."""
+    for seed in range(20):
+        cut = 25
+        records = random_changelog(seed, cut)
+        one_by_one, at_once = PartitionRestore(shard=3, cut=cut), PartitionRestore(shard=3, cut=cut)
+        for r in records:
+            one_by_one.add(r.key, r.value, r.headers)
+        ends = sorted(np.random.default_rng(seed).integers(len(records), size=8).tolist()) + [len(records)]
+        for start, end in zip([0, *ends], ends):
+            at_once.add_many(records[start:end])
+
+        readable = [(changelog.source_offset(r.value, r.headers), r.offset, r) for r in records if r.key is not None]
+        kept: dict[str, tuple[int, int, Record]] = {}
+        for offset, position, r in readable:
+            if offset is not None and offset < cut:
+                name = r.key.decode("utf-8", "replace")
+                kept[name] = max(kept.get(name, (-1, -1, r)), (offset, position, r), key=lambda k: k[:2])
+        assert at_once.latest == one_by_one.latest == {name: (o, r.value) for name, (o, _, r) in kept.items()}
+        assert (at_once.skipped_beyond_cut, at_once.unreadable) == (one_by_one.skipped_beyond_cut,
+                                                                    one_by_one.unreadable)
+        assert at_once.skipped_beyond_cut > 0 and at_once.unreadable > 0
+        for version in (None, "new"):
+            (mine, mismatched), (theirs, expected) = at_once.rows(2, 3, version), one_by_one.rows(2, 3, version)
+            assert mine.keys == theirs.keys and mismatched == expected
+            for name in ("h", "c", "steps", "offsets", "times"):
+                assert np.array_equal(getattr(mine, name), getattr(theirs, name)), name
+
+
+def test_rows_decode_each_kept_record_as_it_was_written():
+    """rows() reads all values in one go; each key's h, c, steps, offset and time are its record's."""
+    restore = PartitionRestore(shard=1, cut=10**9)
+    records = random_changelog(seed=7, cut=10**9)
+    restore.add_many(records)
+    state, _ = restore.rows(2, 3)
+    latest = restore.latest
+    assert state.keys and all(shard == 1 for shard, _ in state.keys)
+    for i, (_, name) in enumerate(state.keys):
+        value = latest[name][1]
+        _, _, _, _, steps, offset, time, _ = changelog.HEADER.unpack_from(value)
+        h, c = np.frombuffer(value, "<f4", offset=changelog.HEADER.size).reshape(2, 2, 3)
+        assert np.array_equal(state.h[:, i], h) and np.array_equal(state.c[:, i], c)
+        assert (state.steps[i], state.offsets[i], state.times[i]) == (steps, offset, time)

@@ -6,9 +6,20 @@ clients must agree on offsets, changelog and partitioning for state to follow a 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import yaml
-from conftest import consume_exactly, daemon_metric, produce, wait_until
+from conftest import (
+    consume_exactly,
+    daemon_metric,
+    event_value,
+    produce,
+    unique,
+    wait_until,
+)
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import NewTopic
 from test_durable_state import (
     Feeder,
     assert_exact,
@@ -17,9 +28,12 @@ from test_durable_state import (
     prepare,
 )
 
-from streamlstm.config import ConfigError, load_config
+from streamlstm.config import ConfigError, KafkaConfig, StateConfig, load_config
+from streamlstm.state import changelog
+from streamlstm.transport import open_changelog
+from streamlstm.transport.api import Record
 from streamlstm.transport.clients import DLQ_REASON
-from streamlstm.transport.confluent import confluent_settings
+from streamlstm.transport.confluent import ConfluentChangelogReader, confluent_settings
 
 
 def test_security_settings_reach_librdkafka_under_its_own_names():
@@ -67,3 +81,69 @@ def test_a_mixed_group_survives_kill_9_and_joins_with_state_exact(tmp_path, brok
     assert {dict(r.headers)[DLQ_REASON] for r in letters} == {b"wrong_feature_count"}
     assert daemon_metric(group[2], "streamlstm_restored_keys_total") > 0
     assert all(d.stop() == 0 for d in group[1:])
+
+
+def read_until_caught_up(reader, partitions: set[int], timeout_s: float = 30) -> dict[int, list[tuple]]:
+    """What a restore of `partitions` reads, as Restorer drives a reader: poll, then ask caught_up."""
+    read: dict[int, list[tuple]] = {p: [] for p in partitions}
+    deadline = time.monotonic() + timeout_s
+    while not partitions <= reader.caught_up():
+        assert time.monotonic() < deadline, f"not caught up: {partitions - reader.caught_up()}"
+        for r in reader.poll(50):
+            assert isinstance(r, Record)
+            read.setdefault(r.partition, []).append((r.offset, r.key, r.value, r.headers))
+    return read
+
+
+def test_the_confluent_changelog_reader_reads_partitions_from_their_start_to_their_end(broker):
+    """Outside the group (assigned, not subscribed), from offset 0 to the end the last fetch reported,
+    each time a partition is started; an empty partition is caught up once its end is known. librdkafka
+    remembers a partition's end across assignments: that old end must not end a later restore early."""
+    topic = unique("changelog")
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    admin.create_topics([NewTopic(topic, 2, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    for key, value, headers in [(b"a", b"state-a", None), (b"b", b"state-b", None),
+                                (b"a", None, changelog.tombstone_headers(7))]:
+        producer.send(topic, key=key, value=value, partition=0, headers=headers)
+    producer.flush()
+    written = [(0, b"a", b"state-a", []), (1, b"b", b"state-b", []), (2, b"a", None, changelog.tombstone_headers(7))]
+    reader = open_changelog(KafkaConfig(bootstrap_servers=broker.bootstrap, client="confluent"), topic)
+    assert isinstance(reader, ConfluentChangelogReader)
+    try:
+        reader.start({0, 1})
+        assert read_until_caught_up(reader, {0, 1}) == {0: written, 1: []}
+        reader.stop({1})
+        producer.send(topic, key=b"c", value=b"state-c", partition=1)
+        producer.flush()
+        reader.start({1})
+        assert 1 not in reader.caught_up()  # its end of 0, from the first start, is not this restore's
+        assert read_until_caught_up(reader, {1}) == {1: [(0, b"c", b"state-c", [])]}
+        reader.start({0})  # started again without a stop, as a restore begun anew: from its start
+        assert read_until_caught_up(reader, {0}) == {0: written}
+    finally:
+        producer.close()
+        reader.close()
+
+
+def test_a_daemon_on_the_confluent_client_restores_its_state_through_librdkafka(tmp_path, broker, model_dir,
+                                                                                 daemon_factory):
+    """SIGTERM, then a restart: every key's state comes back from the changelog, read by the confluent
+    reader, and every event is predicted at its own step count, as offline, none twice."""
+    events = make_events(3_000, 200, seed=23)
+    daemon = daemon_factory(kafka__client="confluent")
+    prepare(daemon)
+    daemon.start()  # ready once its (empty) changelog partitions are restored
+    as_messages = [(e["key"].encode(), event_value(e["features"], e["ts"])) for e in events]
+    produce(broker, daemon.topic, as_messages[:1_500])
+    predictions_by_source(broker, daemon.kafka["output_topic"], 1_500)
+    assert daemon.stop() == 0
+    again = daemon.replica().start()
+    produce(broker, daemon.topic, as_messages[1_500:])
+    found = predictions_by_source(broker, daemon.kafka["output_topic"], len(events))
+    assert assert_exact(tmp_path, model_dir, events, found) == 0
+    assert daemon_metric(again, "streamlstm_restored_keys_total") == 200
+    changelog_topic = StateConfig().changelog_for(KafkaConfig(**daemon.kafka))
+    assert f"restores read {changelog_topic} on librdkafka" in again.log_file.read_text()
+    assert again.stop() == 0

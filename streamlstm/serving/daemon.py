@@ -62,6 +62,14 @@ class Backoff:
         self.delay = 0.0
 
 
+def leaving(group_instance_id: str, session_timeout_ms: int) -> str:
+    """What stopping does to the daemon's group membership."""
+    if not group_instance_id:
+        return "leaving the group"
+    return (f"staying in the group as static member {group_instance_id!r} for {session_timeout_ms} ms: back by "
+            "then, it gets its partitions again with no rebalance; otherwise they move to the others")
+
+
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -156,7 +164,7 @@ class Daemon:
         gc.freeze()
         try:
             self._loop(io)
-            log.info("stopping: final checkpoint, leaving the group")
+            log.info("stopping: final checkpoint, %s", leaving(kafka.group_instance_id, kafka.session_timeout_ms))
             if failed := self.checkpointer.checkpoint().failed:
                 log.warning("input partitions %s stay uncommitted (the broker refused their records); their "
                             "next owner redoes them from their last commit", sorted(failed))

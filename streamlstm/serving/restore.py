@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from itertools import groupby
+from operator import attrgetter
 
 from ..state.changelog import PartitionRestore
 from ..state.table import StateTable
@@ -104,8 +106,8 @@ class Restorer:
         if self._waiting:
             self._begin()
         if self._active:
-            for record in self.reader.poll(RESTORE_POLL_MS):
-                self._active[record.partition][0].add(record.key, record.value, record.headers)
+            for partition, records in groupby(self.reader.poll(RESTORE_POLL_MS), attrgetter("partition")):
+                self._active[partition][0].add_many(records)  # a poll's records come partition by partition
             for partition in self.reader.caught_up() & self._active.keys():
                 self._finish(partition)
         self.metrics.restoring.set(len(self._active))

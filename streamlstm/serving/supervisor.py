@@ -106,10 +106,13 @@ def wake_on_stop_signals() -> int:
 
 def worker_config(cfg: Config, index: int) -> Config:
     """A worker's configuration: its endpoints on a free loopback port (the supervisor's is the pod's),
-    and under exactly_once a transactional id of its own (a shared one would fence the others)."""
+    under exactly_once a transactional id of its own (a shared one would fence the others), and under
+    static membership a group instance id of its own (one instance id is one member of the group)."""
     kafka = cfg.kafka
     if kafka.processing_guarantee == "exactly_once":
         kafka = dataclasses.replace(kafka, transactional_id=f"{kafka.transactional_id_or_default()}-{index}")
+    if kafka.group_instance_id:
+        kafka = dataclasses.replace(kafka, group_instance_id=f"{kafka.group_instance_id}-{index}")
     http = dataclasses.replace(cfg.http, host="127.0.0.1", port=0)
     return dataclasses.replace(cfg, kafka=kafka, http=http)
 

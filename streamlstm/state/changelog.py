@@ -22,6 +22,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from typing import Protocol
 
 import numpy as np
 
@@ -32,6 +34,29 @@ FORMAT = 1
 HEADER = struct.Struct("<2sBBIqqq16s")
 OFFSET_AT = 16  # byte position of `offset` within HEADER
 TOMBSTONE_OFFSET = "streamlstm.offset"
+_PREFIX = MAGIC + bytes([FORMAT])
+_OFFSET = struct.Struct("<q")
+
+
+class ChangelogRecord(Protocol):
+    """What the fold reads of a changelog record (transport.api.Record and kafka-python's records have it)."""
+
+    @property
+    def key(self) -> bytes | None: ...
+
+    @property
+    def value(self) -> bytes | None: ...
+
+    @property
+    def headers(self) -> list[tuple[str, bytes | None]]: ...
+
+
+def _layout(num_layers: int, hidden_size: int) -> np.dtype:
+    """HEADER and the h and c that follow it, as one numpy record: a restore's values read in one go."""
+    return np.dtype({"names": ["layers", "hidden", "steps", "offset", "time", "model", "state"],
+                     "formats": ["u1", "<u4", "<i8", "<i8", "<i8", ("u1", 16), ("<f4", (2, num_layers, hidden_size))],
+                     "offsets": [3, 4, 8, OFFSET_AT, 24, 32, HEADER.size],
+                     "itemsize": HEADER.size + 8 * num_layers * hidden_size})
 
 
 def _version_field(model_version: str) -> bytes:
@@ -80,9 +105,18 @@ class PartitionRestore:
 
     shard: int
     cut: int
-    latest: dict[str, tuple[int, bytes | None]] = field(default_factory=dict)
     skipped_beyond_cut: int = 0
     unreadable: int = 0
+    # Per key, the kept record's source offset and value, in two dicts of ints and bytes: such dicts are
+    # never tracked by the garbage collector, where one dict of (offset, value) tuples was walked by
+    # every full collection (at 1 000 000 keys, half the time spent reading the changelog).
+    _offsets: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _values: dict[str, bytes | None] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def latest(self) -> dict[str, tuple[int, bytes | None]]:
+        """Per key, the record kept so far: (source offset, value), a tombstone's value None."""
+        return dict(zip(self._offsets, zip(self._offsets.values(), self._values.values())))
 
     def add(self, key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, bytes | None]]) -> None:
         offset = source_offset(value, headers)
@@ -92,33 +126,59 @@ class PartitionRestore:
             self.skipped_beyond_cut += 1
         else:
             name = key.decode("utf-8", "replace")
-            if offset >= self.latest.get(name, (-1, None))[0]:
-                self.latest[name] = (offset, value)
+            if offset >= self._offsets.get(name, -1):
+                self._offsets[name] = offset
+                self._values[name] = value
+
+    def add_many(self, records: Iterable[ChangelogRecord]) -> None:
+        """add() for each record in turn, the per-record work cut down: a restore's Python time goes
+        here and into the reader. About 0.75 µs a record against 0.95 µs through add(), most of it the
+        dict updates; parsing the offsets with one np.frombuffer per poll instead saved only 4 %."""
+        offsets, values, get, cut = self._offsets, self._values, self._offsets.get, self.cut
+        unpack = _OFFSET.unpack_from
+        unreadable = beyond = 0
+        for record in records:
+            value = record.value
+            if value is not None and value[:3] == _PREFIX and len(value) >= HEADER.size:
+                offset: int | None = unpack(value, OFFSET_AT)[0]
+            else:
+                offset = source_offset(value, record.headers)
+            key = record.key
+            if key is None or offset is None:
+                unreadable += 1
+            elif offset >= cut:
+                beyond += 1
+            else:
+                name = key.decode("utf-8", "replace")
+                if offset >= get(name, -1):
+                    offsets[name] = offset
+                    values[name] = value
+        self.unreadable += unreadable
+        self.skipped_beyond_cut += beyond
 
     def rows(self, num_layers: int, hidden_size: int, version: str | None = None) -> tuple[Rows, int]:
         """The live keys' state, and how many records were incompatible (those keys start over): of
-        another model's shape, or, if `version` is given, written by another model version."""
-        width = 2 * num_layers * hidden_size
-        expected = HEADER.size + 4 * width
-        wanted = None if version is None else _version_field(version)
-        keys, headers, bodies, mismatched = [], [], [], 0
-        for key, (_, value) in self.latest.items():
-            if value is None:
-                continue
-            fields = HEADER.unpack_from(value)
-            if ((fields[2], fields[3]) != (num_layers, hidden_size) or len(value) != expected
-                    or wanted not in (None, fields[7])):
-                mismatched += 1
-                continue
-            keys.append((self.shard, key))
-            headers.append(fields[4:7])
-            bodies.append(value[HEADER.size:])
-        n = len(keys)
-        flat = np.frombuffer(b"".join(bodies), dtype="<f4").reshape(n, 2, num_layers, hidden_size)
-        meta = np.array(headers, dtype=np.int64).reshape(n, 3)
-        state = Rows(keys, flat[:, 0].transpose(1, 0, 2).copy(), flat[:, 1].transpose(1, 0, 2).copy(),
-                     meta[:, 0].copy(), meta[:, 1].copy(), meta[:, 2].copy())
-        return state, mismatched
+        another model's shape, or, if `version` is given, written by another model version.
+
+        The values are read as one array of records (one copy of them all), not one at a time."""
+        layout = _layout(num_layers, hidden_size)
+        values = list(self._values.values())
+        sized = [value is not None and len(value) == layout.itemsize for value in values]
+        names = list(compress(self._values, sized))
+        # numpy's own allocation (huge pages where the kernel has them): b"".join's page faults cost 3x the copy
+        records = np.fromiter(compress(values, sized), f"S{layout.itemsize}", len(names)).view(layout)
+        fits = (records["layers"] == num_layers) & (records["hidden"] == hidden_size)
+        if version is not None:
+            fits &= (records["model"] == np.frombuffer(_version_field(version), np.uint8)).all(axis=1)
+        if not fits.all():
+            names = list(compress(names, fits.tolist()))
+            records = records[fits]
+        state = records["state"]
+        rows = Rows(list(zip(repeat(self.shard), names)), state[:, 0].transpose(1, 0, 2).copy(),
+                    state[:, 1].transpose(1, 0, 2).copy(), records["steps"].copy(), records["offset"].copy(),
+                    records["time"].copy())
+        live = len(values) - values.count(None)
+        return rows, live - len(names)
 
 
 def changelog_key(key: StateKey) -> bytes:

@@ -22,7 +22,11 @@ def open_transport(cfg: KafkaConfig, rebalance: Rebalance) -> Transport:
 
 
 def open_changelog(cfg: KafkaConfig, topic: str) -> ChangelogSource:
-    """A reader of the state changelog `topic`, for restores (kafka-python, whichever client serves)."""
+    """A reader of the state changelog `topic`, for restores, on the client `kafka.client` names."""
+    if cfg.client == "confluent":
+        from .confluent import ConfluentChangelogReader
+
+        return ConfluentChangelogReader(cfg, topic)
     from .readers import ChangelogReader
 
     return ChangelogReader(cfg, topic)

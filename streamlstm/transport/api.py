@@ -152,7 +152,8 @@ class Transport(Protocol):
         ...
 
     def close(self) -> None:
-        """Leave the group so partitions move on at once, not after a session timeout."""
+        """Leave the group so partitions move on at once, not after a session timeout; a static member
+        (kafka.group_instance_id) stays in it for the session timeout, to get its partitions back."""
         ...
 
 

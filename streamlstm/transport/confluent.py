@@ -19,9 +19,11 @@ from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_END,
     Consumer,
+    KafkaError,
     KafkaException,
     Message,
     Producer,
+    libversion,
 )
 from confluent_kafka import TopicPartition as Partition
 
@@ -63,6 +65,12 @@ def confluent_settings(cfg: KafkaConfig) -> dict[str, object]:
     if protocol.endswith("SSL"):
         settings[SECURITY_KEYS["ssl_check_hostname"]] = "https" if cfg.ssl_check_hostname else "none"
     return settings
+
+
+def static_membership(cfg: KafkaConfig) -> dict[str, object]:
+    """librdkafka's group.instance.id when kafka.group_instance_id is set (a static member, KIP-345: it
+    sends no LeaveGroup on close)."""
+    return {"group.instance.id": cfg.group_instance_id} if cfg.group_instance_id else {}
 
 
 def producer_config(cfg: KafkaConfig) -> dict[str, object]:
@@ -141,7 +149,7 @@ class ConfluentTransport(Bookkeeping):
                 "client.id": cfg.client_id, "group.id": cfg.group_id, "enable.auto.commit": False,
                 "auto.offset.reset": cfg.auto_offset_reset, "session.timeout.ms": cfg.session_timeout_ms,
                 "heartbeat.interval.ms": cfg.heartbeat_interval_ms, "fetch.wait.max.ms": cfg.fetch_max_wait_ms,
-                "isolation.level": isolation_level(cfg)})
+                "isolation.level": isolation_level(cfg)} | static_membership(cfg))
 
             def assigned(consumer: Consumer, partitions: list[Partition]) -> None:
                 consumer.assign(partitions)  # before the callback, which may pause them
@@ -279,3 +287,91 @@ class ConfluentTransport(Bookkeeping):
             self.consumer.close()
         finally:
             self.producer.flush(CALL_TIMEOUT_S)  # librdkafka's producer has no close: flush what it can
+
+
+# A restore reads changelog partitions from their beginning as fast as it can: fetches of up to 16 MiB a
+# partition (librdkafka's default is 1 MiB; Tansu 0.6 sends about 5.5 MB a fetch whatever is asked), and
+# up to two whole fetches read ahead while the records before them are folded.
+RESTORE_FETCH = {"fetch.max.bytes": 64 * 2**20, "max.partition.fetch.bytes": 16 * 2**20,
+                 "queued.max.messages.kbytes": 128 * 2**10}
+
+
+def _records(topic: str, messages: list[Message], headers: Callable[[Message], list[Header] | None]) -> list[Record]:
+    """The records among `messages` (the others are events: an end reached, an error)."""
+    return [Record(topic, m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value(),  # type: ignore[arg-type]
+                   headers(m) or []) for m in messages if m.error() is None]  # a consumed message has them
+
+
+class ConfluentChangelogReader:
+    """ChangelogReader's job on librdkafka: changelog partitions from their beginning to their current
+    end, several at a time, by a consumer of its own outside the group (assigned, never subscribed)."""
+
+    def __init__(self, cfg: KafkaConfig, topic: str) -> None:
+        self.topic = topic
+        self.most = cfg.max_poll_records
+        self._reading: set[int] = set()
+        self._ended: set[int] = set()  # partitions whose end this assignment has reached (an EOF event)
+        with _kafka_errors():
+            # librdkafka wants a group.id even to assign: this one is never joined and never committed to.
+            self.consumer = Consumer(confluent_settings(cfg) | RESTORE_FETCH | {
+                "client.id": f"{cfg.client_id}-restore", "group.id": f"{cfg.group_id}-restore",
+                "enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": cfg.fetch_max_wait_ms, "isolation.level": isolation_level(cfg)})
+        log.info("restores read %s on librdkafka %s", topic, libversion()[0])
+
+    def start(self, partitions: set[int]) -> None:
+        """From offset 0, and from the log's start if it begins later (auto.offset.reset): OFFSET_BEGINNING
+        would first ask for that start, which librdkafka puts off 500 ms while it knows no leader yet.
+        A partition already being read starts over."""
+        self.stop(partitions)
+        self._reading |= partitions
+        with _kafka_errors():
+            self.consumer.incremental_assign([Partition(self.topic, p, 0) for p in sorted(partitions)])
+
+    def stop(self, partitions: set[int]) -> None:
+        """Records of these partitions already fetched are dropped with them (librdkafka's op versions)."""
+        reading = partitions & self._reading
+        self._reading -= reading
+        self._ended -= reading
+        if reading:
+            with _kafka_errors():
+                self.consumer.incremental_unassign([Partition(self.topic, p) for p in sorted(reading)])
+
+    def poll(self, timeout_ms: int) -> list[Record]:
+        if not self._reading:
+            return []
+        with _kafka_errors():
+            messages = consume_available(self.consumer, self.most, timeout_ms / 1000)
+        try:
+            records = _records(self.topic, messages, Message.headers)  # type: ignore[arg-type]
+        except SystemError:  # a header name that is not UTF-8: this poll again, without such headers
+            records = _records(self.topic, messages, _headers)
+        if len(records) < len(messages):
+            self._events(messages)
+        return records
+
+    def _events(self, messages: list[Message]) -> None:
+        for m in messages:
+            error = m.error()
+            if error is None:
+                continue
+            if error.code() == KafkaError._PARTITION_EOF:
+                self._ended.add(m.partition())  # type: ignore[arg-type]  # an EOF event names its partition
+            elif error.fatal():
+                raise TransportError(str(error))
+            # other errors: a partition or broker problem; librdkafka retries by itself
+
+    def caught_up(self) -> set[int]:
+        """Partitions read up to the high watermark of the last fetch (Tansu 0.6 answers ListOffsets(latest)
+        wrongly). librdkafka keeps that watermark across assignments, so it counts only once this one has
+        consumed a record (a position); a partition with none to read counts once its end is reached."""
+        done = set(self._ended)
+        with _kafka_errors():
+            for p in self.consumer.position([Partition(self.topic, p) for p in self._reading - done]):
+                high = self.consumer.get_watermark_offsets(p, cached=True)[1]
+                if 0 <= high <= p.offset:
+                    done.add(p.partition)
+        return done
+
+    def close(self) -> None:
+        self.consumer.close()

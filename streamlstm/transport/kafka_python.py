@@ -116,7 +116,9 @@ class KafkaPythonTransport(Bookkeeping):
         with translated():
             self.producer = self._new_producer()
             self.copartitioned = self._same_partition_count(cfg.input_topic, cfg.output_topic)
-            self.consumer = new_consumer(cfg, "", group_id=cfg.group_id, auto_offset_reset=cfg.auto_offset_reset,
+            self.consumer = new_consumer(cfg, "", group_id=cfg.group_id,
+                                         group_instance_id=cfg.group_instance_id or None,
+                                         auto_offset_reset=cfg.auto_offset_reset,
                                          session_timeout_ms=cfg.session_timeout_ms,
                                          heartbeat_interval_ms=cfg.heartbeat_interval_ms)
             self.consumer.subscribe([cfg.input_topic], listener=_Listener(rebalance))
@@ -252,6 +254,8 @@ class KafkaPythonTransport(Bookkeeping):
         return out
 
     def close(self) -> None:
+        """A dynamic member leaves the group; a static one does not (KIP-345: kafka-python sends no
+        LeaveGroup for it), so that it gets its partitions back if it returns within the session."""
         quiet_closing()
         try:
             self.consumer.close(autocommit=False)
