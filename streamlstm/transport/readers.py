@@ -1,6 +1,6 @@
-"""Reading topics from their beginning, outside the consumer group: a changelog's partitions for a
-restore, a whole topic for training. kafka-python whichever client the daemon consumes with; knows
-nothing of torch or of what the records mean.
+"""Reading topics from their beginning, outside the consumer group, on kafka-python: a changelog's
+partitions for a restore under `kafka.client: kafka-python` (confluent.py has librdkafka's reader), a
+whole topic for training whichever client serves. Knows nothing of torch or of what the records mean.
 """
 
 from __future__ import annotations
