@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import os
 import socket
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,8 +88,13 @@ class EventsConfig:
 class StateConfig:
     checkpoint_interval_ms: int = 5000
     changelog_topic: str = ""
+    dir: str = ""
     ttl_seconds: float = 604800.0
     ttl_clock: Literal["processing_time", "event_time"] = "processing_time"
+
+    def dir_or_default(self) -> Path:
+        """The local stores' directory: state.dir, or one under the system's temporary directory."""
+        return Path(self.dir) if self.dir else Path(tempfile.gettempdir()) / "streamlstm-state"
 
     def changelog_for(self, kafka: KafkaConfig) -> str:
         """Per group and input topic, like Kafka Streams' <application.id>-<store>-changelog."""

@@ -72,7 +72,7 @@ class MemoryTransport(Bookkeeping):
         self.broker = broker if broker is not None else MemoryBroker()
         self.copartitioned = True  # predictions go to their event's partition number
         self.calls: list[str] = []
-        self.in_flight: list[tuple[int, Sent]] = []  # (source partition, record) not yet acknowledged
+        self.in_flight: list[tuple[int, Sent, bool]] = []  # (source partition, record, state?) not yet acknowledged
         self.refused: set[tuple[str, int]] = set()
         self.refused_at_send: set[tuple[str, int]] = set()
         self.assignment: set[TopicPartition] = set()
@@ -92,11 +92,13 @@ class MemoryTransport(Bookkeeping):
     def deliver(self) -> None:
         """The broker's answers to everything in flight arrive: acknowledged records join the log."""
         in_flight, self.in_flight = self.in_flight, []
-        for source, record in in_flight:
+        for source, record, state in in_flight:
             if (record.topic, record.partition) in self.refused:
                 self._fail(source, record.topic, Refused(f"{record.topic}/{record.partition}"))
             else:
-                self.broker.append(record)
+                offset = self.broker.append(record)
+                if state:
+                    self._acked_state(record.partition, offset)
 
     def rebalance(self, listener: Rebalance, assigned: set[TopicPartition]) -> None:
         """An eager rebalance: everything revoked, then `assigned` given, each consuming from its commit."""
@@ -109,13 +111,13 @@ class MemoryTransport(Bookkeeping):
 
     # Bookkeeping's client calls.
     def _produce(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
-                 headers: list[tuple[str, bytes]] | None) -> None:
+                 headers: list[tuple[str, bytes]] | None, state: bool) -> None:
         record = Sent(topic, source if partition is None else partition, key, value, headers)
         self.calls.append(f"send {topic}/{record.partition} {(key or b'').decode()}"
                           + (" (tombstone)" if value is None else ""))
         if (topic, record.partition) in self.refused_at_send:
             raise TransportError(f"refused at send: {topic}/{record.partition}")
-        self.in_flight.append((source, record))
+        self.in_flight.append((source, record, state))
 
     def flush(self) -> dict[int, Failure]:
         self.calls.append("flush")
@@ -170,7 +172,7 @@ class MemoryTransport(Bookkeeping):
 
 
 class MemoryChangelog:
-    """Reads partitions of a MemoryBroker's topic from their beginning, at most `batch` records per
+    """Reads partitions of a MemoryBroker's topic from an offset, at most `batch` records per
     partition per poll. A partition is caught up once a poll has seen its end and read up to it."""
 
     def __init__(self, broker: MemoryBroker, topic: str, batch: int = 2) -> None:
@@ -181,11 +183,14 @@ class MemoryChangelog:
         self._next: dict[int, int] = {}
         self._end: dict[int, int] = {}  # the end each partition's last poll saw
 
-    def start(self, partitions: set[int]) -> None:
-        self.calls.append(f"start {sorted(partitions)}")
-        for p in partitions:
-            self._next[p] = 0
+    def start(self, partitions: dict[int, int]) -> None:
+        self.calls.append(f"start {sorted(partitions.items())}")
+        for p, offset in partitions.items():
+            self._next[p] = offset if offset <= len(self.broker.records(self.topic, p)) else 0
             self._end.pop(p, None)
+
+    def log_start(self, partition: int) -> int:
+        return 0
 
     def stop(self, partitions: set[int]) -> None:
         self.calls.append(f"stop {sorted(partitions)}")

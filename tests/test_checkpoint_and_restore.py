@@ -7,8 +7,11 @@ restore rebuilds from the changelog, cut at the committed offset.
 
 from __future__ import annotations
 
+import tempfile
 import zlib
 from dataclasses import dataclass, field
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from streamlstm.serving.metrics import Metrics
 from streamlstm.serving.plan import Expiry
 from streamlstm.serving.restore import Restorer
 from streamlstm.state import changelog
+from streamlstm.state.store import LocalStores
 from streamlstm.state.table import StateTable
 from streamlstm.transport.api import (
     ChangelogSource,
@@ -49,15 +53,17 @@ class Node:
     layers: int = LAYERS
     hidden: int = HIDDEN
     expiry: Expiry = NO_TTL
+    state_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="node-")))  # a fresh pod's
 
     def __post_init__(self) -> None:
         self.io = MemoryTransport(KafkaConfig(input_topic=INPUT), self.broker)
         self.reader = MemoryChangelog(self.broker, CHANGELOG)
         self.table = StateTable(self.layers, self.hidden, CPU, capacity=4)
         self.metrics = Metrics(REASONS, ("predictions", "events-dlq", CHANGELOG))
-        self.checkpointer = Checkpointer(self.io, self.table, self.metrics, CHANGELOG, self.expiry, "v1")
-        self.restorer = Restorer(self.io, self.reader, INPUT, self.table, self.metrics,
-                                 (self.layers, self.hidden, None))
+        self.stores = LocalStores(self.state_dir, CHANGELOG)
+        self.checkpointer = Checkpointer(self.io, self.table, self.stores, self.metrics, CHANGELOG, self.expiry, "v1")
+        self.restorer = Restorer(self.io, self.reader, (INPUT, CHANGELOG), self.table, self.stores, self.metrics,
+                                 (self.layers, self.hidden, None), "v1")
 
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         self.restorer.on_revoked(partitions)
@@ -112,6 +118,20 @@ class Node:
 
     def skipped(self, reason: str) -> float | None:
         return self.metrics.registry.get_sample_value("streamlstm_restore_skipped_records_total", {"reason": reason})
+
+    def restores(self, source: str) -> float | None:
+        return self.metrics.registry.get_sample_value("streamlstm_restores_total", {"source": source})
+
+    def replayed(self, source: str) -> float | None:
+        return self.metrics.registry.get_sample_value("streamlstm_restore_replayed_records_total", {"source": source})
+
+    def refused(self, reason: str) -> float | None:
+        return self.metrics.registry.get_sample_value("streamlstm_local_store_refused_total", {"reason": reason})
+
+    def restarted(self, **changes: int) -> Node:
+        """This node's process started again on the same state.dir (the broker's records kept)."""
+        self.stores.close()
+        return Node(self.broker, state_dir=self.state_dir, **{"layers": self.layers, "hidden": self.hidden} | changes)
 
     def sends(self) -> list[str]:
         return [call for call in self.io.calls if call.startswith("send")]
@@ -275,10 +295,12 @@ def test_a_fresh_node_restores_a_partition_as_it_was_checkpointed() -> None:
     assert new.restore() > 1  # several changelog polls: the reader's batch is 2
     assert new.state(1) == old.state(1) and new.state(0) == {}
     assert new.state(1)["b"][2:] == (2, 2, 1_002)  # steps, offset, time
-    assert new.io.calls == ["pause [1]", "resume [1]"] and new.io.paused == set()
-    assert new.reader.calls[0] == "start [1]" and new.reader.calls[-1] == "stop [1]"
+    # the new owner's marker goes to the changelog before the partition resumes: its records follow it
+    assert new.io.calls == ["pause [1]", "send events-state/1 \x00streamlstm.owner", "resume [1]"]
+    assert new.io.paused == set()
+    assert new.reader.calls[0] == "start [(1, 0)]" and new.reader.calls[-1] == "stop [1]"
     assert new.restorer.restored_once and new.table.take_changes().changed.keys == []
-    assert new.metrics.registry.get_sample_value("streamlstm_restored_keys_total") == 3
+    assert new.metrics.registry.get_sample_value("streamlstm_restored_keys_total", {"source": "changelog"}) == 3
 
 
 def test_records_at_or_beyond_the_committed_offset_are_skipped_and_counted() -> None:
@@ -350,8 +372,9 @@ def test_a_partition_given_straight_back_but_not_committed_at_revocation_is_rest
     n.io.refuse(CHANGELOG, 0)  # the revocation's flush fails: P0 stays at offset 1
     n.reader.calls.clear()
     n.assign({P0})
-    assert n.broker.committed == {P0: 1} and n.reader.calls[0] == "start [0]"
-    assert n.state(0) == committed
+    # from its local store, as of that commit, and the changelog after it (the marker, the checkpoint)
+    assert n.broker.committed == {P0: 1} and n.reader.calls[0] == "start [(0, 2)]"
+    assert n.state(0) == committed and n.restores("local") == 1
 
 
 def test_state_of_another_shape_is_counted_incompatible_and_not_loaded() -> None:
@@ -362,7 +385,7 @@ def test_state_of_another_shape_is_counted_incompatible_and_not_loaded() -> None
     new = Node(old.broker, layers=1)
     new.assign({P0})
     assert len(new.table) == 0 and new.skipped("incompatible") == 2
-    assert new.metrics.registry.get_sample_value("streamlstm_restored_keys_total") == 0
+    assert new.metrics.registry.get_sample_value("streamlstm_restored_keys_total", {"source": "changelog"}) == 0
 
 
 def test_rewind_drops_a_partitions_state_and_restores_it_from_its_committed_offset() -> None:
@@ -379,7 +402,7 @@ def test_rewind_drops_a_partitions_state_and_restores_it_from_its_committed_offs
     assert n.state(0) == {} and n.io.pending() == {} and n.io.paused == {P0}
     n.reader.calls.clear()
     n.restore()
-    assert n.reader.calls[0] == "start [0]"
+    assert n.reader.calls[0] == "start [(0, 2)]" and n.restores("local") == 1  # the local store, then the tail
     assert n.state(0) == committed and n.state(1) == untouched
     assert "rewind events/0" in n.io.calls and n.io.position(P0) == 1 and n.io.paused == set()
 
@@ -412,3 +435,135 @@ def test_a_broker_that_does_not_answer_for_one_partition_holds_up_no_other_resto
     for _ in range(10):
         n.restorer.step()
     assert not n.restorer.busy and n.io.paused == set()
+
+
+# Local stores.
+
+def served(events: list[tuple[str, int]]) -> Node:
+    """A node that served P0 from its first assignment: `events` (key, offset), a checkpoint after each
+    three; a key given offset -1 ends at the next offset."""
+    n = Node()
+    n.assign({P0})
+    for i, (key, offset) in enumerate(events):
+        if offset < 0:
+            n.end(0, key, i)
+        else:
+            n.step(0, key, offset)
+        if i % 3 == 2:
+            n.checkpointer.checkpoint()
+    n.checkpointer.checkpoint()
+    return n
+
+
+EVENTS = [("a", 0), ("b", 1), ("c", 2), ("a", 3), ("b", -1), ("d", 5), ("c", 6), ("e", 7)]
+
+
+def from_changelog(broker: MemoryBroker, layers: int = LAYERS) -> Node:
+    fresh = Node(broker, layers=layers)
+    fresh.assign({P0})
+    assert fresh.restores("changelog") == 1
+    return fresh
+
+
+def test_a_restart_loads_its_local_store_and_replays_only_the_changelog_written_after_it() -> None:
+    n = served(EVENTS)
+    expected = n.state(0)
+    again = n.restarted()
+    again.assign({P0})
+    assert again.restores("local") == 1 and again.replayed("local") == 0  # nothing was written after it
+    assert again.state(0) == expected == from_changelog(n.broker).state(0)
+
+
+def test_a_store_left_behind_its_commit_catches_up_from_the_changelog_after_it(monkeypatch) -> None:
+    """A kill -9 between the offset commit and the local write: the store is one checkpoint behind."""
+    n = served(EVENTS)
+    monkeypatch.setattr(n.stores, "submit", lambda *args: None)
+    n.step(0, "a", 8)
+    n.end(0, "c", 9)
+    n.step(0, "f", 10)
+    n.checkpointer.checkpoint()
+    expected = n.state(0)
+    again = n.restarted()
+    again.assign({P0})
+    assert again.restores("local") == 1 and again.replayed("local") == 3  # a, f and c's tombstone
+    assert again.state(0) == expected == from_changelog(n.broker).state(0)
+
+
+def test_changes_sent_when_partitions_are_revoked_reach_the_store_with_the_next_checkpoint() -> None:
+    n = served(EVENTS)
+    n.step(0, "g", 8)
+    n.assign({P0})  # revoked (g's record sent, the offset committed) and given straight back: kept in memory
+    n.step(0, "h", 9)
+    n.checkpointer.checkpoint()
+    expected = n.state(0)
+    again = n.restarted()
+    again.assign({P0})
+    assert again.restores("local") == 1 and again.state(0) == expected
+
+
+def flip_a_stored_value(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.index(b"SL\x01") + 100  # inside a state record's h
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def overwrite_the_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[:100] = bytes(100)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [flip_a_stored_value, truncate, overwrite_the_header])
+def test_a_damaged_local_store_is_refused_and_the_partition_restores_from_the_changelog(damage, caplog) -> None:
+    n = served(EVENTS)
+    expected = n.state(0)
+    n.stores.close()  # its last connection: the write-ahead log is folded into the file
+    damage(n.state_dir / f"{CHANGELOG}-0.sqlite")
+    again = n.restarted()
+    again.assign({P0})
+    assert again.refused("damaged") == 1 and again.restores("changelog") == 1
+    assert "partition 0: local store not used" in caplog.text
+    assert again.state(0) == expected
+    third = again.restarted()
+    third.assign({P0})
+    assert third.restores("local") == 1 and third.state(0) == expected  # rebuilt by that restore, and used again
+
+
+def test_a_local_store_of_another_model_shape_is_refused() -> None:
+    n = served(EVENTS)
+    again = n.restarted(layers=1)
+    again.assign({P0})
+    assert again.refused("shape") == 1 and again.restores("changelog") == 1
+    assert again.state(0) == from_changelog(n.broker, layers=1).state(0) == {}  # every record of the old shape
+
+
+def test_a_local_store_of_a_partition_served_elsewhere_since_is_refused() -> None:
+    """Its keys moved on elsewhere (one changed, one ended, one new): the store is stale, the changelog not."""
+    a = served(EVENTS)
+    b = Node(a.broker)
+    b.assign({P0})
+    b.step(0, "a", 8)
+    b.end(0, "d", 9)
+    b.step(0, "z", 10)
+    b.checkpointer.checkpoint()
+    back = a.restarted()
+    back.assign({P0})
+    assert back.refused("served_elsewhere") == 1 and back.restores("changelog") == 1
+    assert back.state(0) == b.state(0)
+
+
+def test_a_local_store_ahead_of_the_committed_offset_is_refused() -> None:
+    """The group's offsets reset to an earlier one (kafka-consumer-groups --reset-offsets): the store holds
+    state of events that will be consumed again."""
+    n = served(EVENTS)
+    n.broker.committed[P0] = 4
+    again = n.restarted()
+    again.assign({P0})
+    assert again.refused("ahead") == 1 and again.restores("changelog") == 1
+    assert again.state(0) == from_changelog(n.broker).state(0)
+    assert max(state[3] for state in again.state(0).values()) < 4  # offsets of the events before the cut

@@ -9,6 +9,10 @@ so a restore can ignore records newer than the commit.
 Sending ten thousand state records takes a few hundred milliseconds of the serving thread; done in one
 go it would hold every event arriving meanwhile. So the daemon takes a snapshot (the changes and the
 offsets they reflect) and sends it a slice per poll, committing once all of it is acknowledged.
+
+Once committed, each partition's share of the checkpoint goes to its local store too (state/store.py),
+after the commit so that a local store is never ahead of it: a crash between the two leaves the store
+behind, and the changelog records after it (its changelog offset) are replayed onto it on restart.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..state import changelog
+from ..state.store import Entry, LocalStores
 from ..state.table import StateTable
 from ..transport.api import Failure, Offsets, TopicPartition, Transport
+from ..faults import crash_point
 from .metrics import Metrics
 from .plan import Expiry
 
@@ -45,6 +51,7 @@ class _Snapshot:
     started: float
     offsets: Offsets
     records: list[StateRecord]
+    entries: dict[int, list[Entry]]  # the records per partition, for the local stores
     size: int
     sent: int = 0
 
@@ -53,10 +60,11 @@ class Checkpointer:
     """Writes checkpoints, whole (`checkpoint`) or a slice at a time between polls (`begin`, `write`,
     `finish`), so that events keep flowing while thousands of keys' state records are sent."""
 
-    def __init__(self, io: Transport, table: StateTable, metrics: Metrics, topic: str, expiry: Expiry,
-                 model_version: str) -> None:
+    def __init__(self, io: Transport, table: StateTable, stores: LocalStores, metrics: Metrics, topic: str,
+                 expiry: Expiry, model_version: str) -> None:
         self.io = io
         self.table = table
+        self.stores = stores
         self.metrics = metrics
         self.topic = topic
         self.expiry = expiry
@@ -86,19 +94,24 @@ class Checkpointer:
         """Expire, then take the state of every key dropped or changed since the last checkpoint and the
         offsets it reflects. Later events change the table, not this snapshot."""
         self.expire()
-        records, size = self._records()
-        self._snapshot = _Snapshot(time.perf_counter(), self.io.pending(), records, size)
+        records, entries, size = self._records()
+        self._snapshot = _Snapshot(time.perf_counter(), self.io.pending(), records, entries, size)
 
-    def _records(self) -> tuple[list[StateRecord], int]:
+    def _records(self) -> tuple[list[StateRecord], dict[int, list[Entry]], int]:
         """The changelog records of the table's changes, tombstones first (a key dropped and seen again
-        has both, in that order), and their bytes."""
+        has both, in that order), the same per partition for the local stores, and their bytes."""
         changes = self.table.take_changes()
         key_of = changelog.changelog_key
         records: list[StateRecord] = [(key[0], key_of(key), None, changelog.tombstone_headers(offset))
                                       for key, offset in changes.dropped]
         values = changelog.encode(changes.changed, self.model_version)
         records += [(key[0], key_of(key), value, None) for key, value in zip(changes.changed.keys, values)]
-        return records, sum(map(len, values))
+        entries: dict[int, list[Entry]] = {}
+        for (partition, key), _ in changes.dropped:
+            entries.setdefault(partition, []).append((key, None))
+        for (partition, key), value in zip(changes.changed.keys, values):
+            entries.setdefault(partition, []).append((key, value))
+        return records, entries, sum(map(len, values))
 
     def write(self, budget: int | None) -> bool:
         """Send up to `budget` more of the snapshot's state records (all if None); True once all are sent."""
@@ -119,13 +132,25 @@ class Checkpointer:
             return Outcome(set(), {})
         failed = self.io.flush()
         committed = {tp: offset for tp, offset in s.offsets.items() if tp.partition not in failed}
-        self.io.commit(committed)
+        if not self.io.commit(committed):
+            committed = {}
+        else:
+            crash_point("after-commit")
+            self._store(s, committed, failed)
         m = self.metrics
         m.checkpoints.inc()
         m.checkpoint_duration.observe(time.perf_counter() - s.started)
         m.checkpoint_keys.observe(len(s.records))
         m.checkpoint_bytes.observe(s.size)
         return Outcome({tp.partition for tp in committed}, failed)
+
+    def _store(self, s: _Snapshot, committed: Offsets, failed: dict[int, Failure]) -> None:
+        """Each partition's acknowledged records and committed offset into its local store."""
+        offsets = {tp.partition: offset for tp, offset in committed.items()}
+        shape = (self.table.h.shape[0], self.table.h.shape[2], self.model_version)
+        for partition in (offsets.keys() | s.entries.keys()) - failed.keys():
+            self.stores.submit(partition, s.entries.get(partition, []), shape, offsets.get(partition),
+                               self.io.state_end(partition))
 
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         """Everything written and the partitions committed before their new owner starts on them.
@@ -136,15 +161,20 @@ class Checkpointer:
         if self._snapshot is not None:
             self.write(None)
             self.forget(partitions)
-        for record in self._records()[0]:
+        records, entries, _ = self._records()
+        for record in records:
             self.io.send_state(self.topic, *record)
+        for partition, changes in entries.items():
+            self.stores.hold(partition, changes)
         self.io.commit_revoked(partitions)
 
     def forget(self, partitions: set[TopicPartition]) -> None:
-        """Partitions no longer ours: a snapshot under way does not commit them."""
+        """Partitions no longer ours: a snapshot under way does not commit them, and their records wait for
+        their next commit (or their next restore) to reach their local store."""
         if self._snapshot is not None:
             for tp in partitions:
                 self._snapshot.offsets.pop(tp, None)
+                self.stores.hold(tp.partition, self._snapshot.entries.pop(tp.partition, []))
 
     def expire(self) -> None:
         """Drop keys idle longer than state.ttl_seconds, on the configured clock: each shard's stream time

@@ -34,6 +34,7 @@ from .checkpoint import Checkpointer, Outcome
 from .http_server import HttpServer
 from .metrics import Metrics, observe_many
 from .plan import Expiry, plan_batch
+from ..state.store import LocalStores
 from .restore import Restorer
 
 log = logging.getLogger("streamlstm.daemon")  # a stable name: operators query logs by it (README)
@@ -83,6 +84,7 @@ class Daemon:
         self.watcher = ModelWatcher(cfg.model.path, artifact.path, self.device, cfg.model.reload_interval_s)
         self._serve(artifact, StreamingPredictor(artifact, self.device))
         self.expiry = Expiry.from_config(cfg.state)
+        self.stores = LocalStores(cfg.state.dir_or_default(), self.changelog_topic)
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.exposition, self.healthy, self.ready)
         self._restorer: Restorer | None = None  # both once connected: see the properties below
         self._io: Transport | None = None
@@ -148,12 +150,13 @@ class Daemon:
             self.http.stop()
             return
         table = self.predictor.table
-        self._restorer = Restorer(io, open_changelog(kafka, self.changelog_topic), kafka.input_topic, table,
-                                 self.metrics, self._accepts())
-        self.checkpointer = Checkpointer(io, table, self.metrics, self.changelog_topic, self.expiry,
+        self._restorer = Restorer(io, open_changelog(kafka, self.changelog_topic), (kafka.input_topic,
+                                  self.changelog_topic), table, self.stores, self.metrics, self._accepts(),
+                                  self.predictor.version)
+        self.checkpointer = Checkpointer(io, table, self.stores, self.metrics, self.changelog_topic, self.expiry,
                                          self.predictor.version)
-        log.info("consuming %s as group %s from %s; state in %s", kafka.input_topic, kafka.group_id,
-                 kafka.bootstrap_servers, self.changelog_topic)
+        log.info("consuming %s as group %s from %s; state in %s and local stores in %s", kafka.input_topic,
+                 kafka.group_id, kafka.bootstrap_servers, self.changelog_topic, self.stores.directory)
         if kafka.processing_guarantee == "exactly_once":
             log.info("exactly_once: read_committed consumers see the outputs once per checkpoint, every %d ms "
                      "(state.checkpoint_interval_ms; Kafka Streams uses 100 ms under exactly-once)",
@@ -170,6 +173,7 @@ class Daemon:
                             "next owner redoes them from their last commit", sorted(failed))
         finally:
             self.watcher.close()
+            self.stores.close()
             self.restorer.reader.close()
             io.close()
             self.http.stop()
@@ -288,6 +292,7 @@ class Daemon:
             table.restart(spec.num_layers, spec.hidden_size)
         self._serve(loaded, StreamingPredictor(loaded, self.device, table=table))
         self.restorer.accepts = self._accepts()
+        self.restorer.version = loaded.version
         self.checkpointer.model_version = loaded.version
         self.metrics.reloads.labels("swapped").inc()
         self.metrics.live_keys.set(len(table))

@@ -25,6 +25,8 @@ MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 MODEL_LABELS = ("device", "hidden_size", "num_layers", "task", "version")  # in the order an Info writes them
 DROP_REASONS = ("end", "reset", "expired")
 SKIP_REASONS = ("beyond_cut", "incompatible", "unreadable")
+RESTORE_SOURCES = ("local", "changelog")  # a local store and the changelog after it; the changelog alone
+REFUSAL_REASONS = ("damaged", "owner", "shape", "version", "ahead", "deleted", "served_elsewhere")
 RELOAD_RESULTS = ("swapped", "failed")
 
 
@@ -98,8 +100,24 @@ class Metrics:
         self.restore_duration = Histogram("streamlstm_restore_duration_seconds",
                                           "Rebuilding one partition's keys from its changelog.",
                                           buckets=LATENCY_BUCKETS, registry=r)
-        self.restored_keys = Counter("streamlstm_restored_keys_total", "Keys rebuilt from the changelog.",
-                                     registry=r)
+        self.restored_keys = Counter("streamlstm_restored_keys_total",
+                                     "Keys restored, by source: local (a local store, then the changelog after it) "
+                                     "or changelog (the whole changelog).", ["source"], registry=r)
+        self.restores = Counter("streamlstm_restores_total", "Partition restores finished, by source.", ["source"],
+                                registry=r)
+        self.restore_replayed = Counter("streamlstm_restore_replayed_records_total",
+                                        "Changelog records read by restores, by source.", ["source"], registry=r)
+        self.restore_ready = Histogram("streamlstm_restore_ready_seconds",
+                                       "From a partition's assignment to its first poll with its state restored.",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.store_refused = Counter(
+            "streamlstm_local_store_refused_total",
+            "Local stores not used for a restore: damaged (unreadable, failed checksum), owner (another "
+            "directory's), shape or version (another model's), ahead (of the committed offset), deleted (the "
+            "changelog after it is gone), served_elsewhere (another owner served the partition since).",
+            ["reason"], registry=r)
+        self.store_bytes = Gauge("streamlstm_local_store_bytes", "Bytes of the local state stores on disk.",
+                                 registry=r, multiprocess_mode="livesum")
         self.restore_skipped = Counter(
             "streamlstm_restore_skipped_records_total",
             "Changelog records not restored: beyond_cut (after the committed offset; replayed instead), "
@@ -143,6 +161,8 @@ class Metrics:
         would say "no data" where the answer is 0."""
         for counter, values in ((self.rejected, rejection_reasons), (self.dropped_keys, DROP_REASONS),
                                 (self.restore_skipped, SKIP_REASONS), (self.reloads, RELOAD_RESULTS),
+                                (self.restored_keys, RESTORE_SOURCES), (self.restores, RESTORE_SOURCES),
+                                (self.restore_replayed, RESTORE_SOURCES), (self.store_refused, REFUSAL_REASONS),
                                 (self.delivery_failures, output_topics)):
             for value in values:
                 counter.labels(value)

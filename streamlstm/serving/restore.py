@@ -1,4 +1,13 @@
-"""Restore: each newly assigned partition's keys are rebuilt from its changelog partition.
+"""Restore: each newly assigned partition's keys are rebuilt from its local store and the changelog
+records written after it, or, with no local store fit to use, from its whole changelog partition.
+
+A local store is used only if it is whole (readable, every checksum right), this directory's, of the
+served model's shape (and version, under reset_state), not ahead of the committed input offset, and the
+changelog after it is still all there; once its changelog tail is read, also only if no other owner's
+marker is in it (the partition was served elsewhere since: its keys may have moved on). Otherwise the
+partition restores from the whole changelog, with a log line and a metric saying why. Either way the fold
+is the same (state/changelog.py), so the state is the same: every key as of the committed offset. The
+result is written back to the local store, and an owner marker to the changelog.
 
 Only the partitions being restored are paused; the others keep flowing, because the changelog is read
 a poll at a time between input polls, by a consumer of its own. A partition this daemon already held
@@ -10,10 +19,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from itertools import groupby
 from operator import attrgetter
 
-from ..state.changelog import PartitionRestore
+from ..state.changelog import OWNER_KEY, PartitionRestore, owner_marker
+from ..state.store import LocalStores, StoreError, StoreMeta
 from ..state.table import StateTable
 from ..transport.api import ChangelogSource, TopicPartition, Transport
 from .metrics import Metrics
@@ -23,24 +34,34 @@ log = logging.getLogger(__name__)
 RESTORE_POLL_MS = 50
 
 
+@dataclass
+class _Restore:
+    fold: PartitionRestore
+    started: float
+    source: str  # "local" (seeded from the local store) or "changelog"
+
+
 class Restorer:
-    def __init__(self, io: Transport, reader: ChangelogSource, input_topic: str, table: StateTable,
-                 metrics: Metrics, accepts: tuple[int, int, str | None]) -> None:
+    def __init__(self, io: Transport, reader: ChangelogSource, topics: tuple[str, str], table: StateTable,
+                 stores: LocalStores, metrics: Metrics, accepts: tuple[int, int, str | None], version: str) -> None:
         self.io = io
         self.reader = reader
-        self.input_topic = input_topic
+        self.input_topic, self.changelog_topic = topics
         self.table = table
+        self.stores = stores
         self.metrics = metrics
         self.accepts = accepts  # (num_layers, hidden_size, model version or None for any): what state fits
+        self.version = version  # the served model's
         self.assigned: set[TopicPartition] = set()
         self.restored_once = False  # every partition of an assignment (even an empty one) is restored
         self._waiting: set[TopicPartition] = set()
-        self._active: dict[int, tuple[PartitionRestore, float]] = {}
+        self._active: dict[int, _Restore] = {}
         self._reflects: dict[TopicPartition, int] = {}  # next input offset the in-memory state stands at
         self._kept: dict[TopicPartition, int] = {}
         self._rewinding: set[TopicPartition] = set()  # to seek back to their committed offset first
         self._hold_until = 0.0  # no restore begins before this (monotonic): the rewind's backoff
         self._assignments = 0
+        self._assigned_at: dict[TopicPartition, float] = {}  # until the partition resumes
 
     @property
     def busy(self) -> bool:
@@ -61,6 +82,8 @@ class Restorer:
             self.table.forget_shard(tp.partition)
             self._kept.pop(tp, None)
             self._rewinding.discard(tp)
+        self.stores.disown(tp.partition for tp in self.assigned - partitions)
+        self._assigned_at = dict.fromkeys(partitions, time.perf_counter())
         self.assigned = set(partitions)
         self._waiting = set(partitions)
         self._assignments += 1
@@ -70,6 +93,7 @@ class Restorer:
     def on_lost(self, partitions: set[TopicPartition]) -> None:
         """Another member owns them now: drop their state unwritten, it may be ahead of the commit."""
         self._drop(partitions)
+        self.stores.disown(tp.partition for tp in partitions)
         self.assigned -= partitions
 
     def rewind(self, partitions: set[TopicPartition], hold_s: float) -> None:
@@ -107,7 +131,7 @@ class Restorer:
             self._begin()
         if self._active:
             for partition, records in groupby(self.reader.poll(RESTORE_POLL_MS), attrgetter("partition")):
-                self._active[partition][0].add_many(records)  # a poll's records come partition by partition
+                self._active[partition].fold.add_many(records)  # a poll's records come partition by partition
             for partition in self.reader.caught_up() & self._active.keys():
                 self._finish(partition)
         self.metrics.restoring.set(len(self._active))
@@ -118,50 +142,120 @@ class Restorer:
         """Start restoring waiting partitions whose start offset is known (a broker may not answer yet)."""
         if time.monotonic() < self._hold_until:
             return
-        started: set[int] = set()
+        started: dict[int, int] = {}
         try:
             for tp in sorted(self._waiting):
-                if self._begin_one(tp):
-                    started.add(tp.partition)
+                start = self._begin_one(tp)
+                if start is not None:
+                    started[tp.partition] = start
         finally:  # a broker that does not answer for one partition (TransportError) holds up no other
             if started:
                 self.reader.start(started)
 
-    def _begin_one(self, tp: TopicPartition) -> bool:
-        """True: `tp` is to be read from the changelog (the reader starts it); False: it resumed with its
-        state kept in memory, or its position is not known yet (tried again next step)."""
+    def _begin_one(self, tp: TopicPartition) -> int | None:
+        """The changelog offset `tp` is to be read from (the reader starts it there); None: it resumed with
+        its state kept in memory, or its position is not known yet (tried again next step)."""
         if tp in self._rewinding:
             self.io.rewind(tp)
             self._rewinding.discard(tp)
         cut = self.io.position(tp)
         if cut is None:
-            return False
+            return None
         self._waiting.discard(tp)
         if self._kept.pop(tp, None) == cut:
             log.info("partition %d: state kept in memory, resuming at offset %d", tp.partition, cut)
             self._reflects[tp] = cut
-            self.io.resume({tp})
-            return False
+            self._resume(tp)
+            return None
         self.table.forget_shard(tp.partition)
-        self._active[tp.partition] = (PartitionRestore(tp.partition, cut), time.perf_counter())
-        return True
+        fold = PartitionRestore(tp.partition, cut)
+        start = self._seed(fold)
+        self._active[tp.partition] = _Restore(fold, time.perf_counter(), "changelog" if fold.owner is None else "local")
+        return start
+
+    def _seed(self, fold: PartitionRestore) -> int:
+        """Seed the fold from the partition's local store if it is fit to use; the changelog offset to read
+        from (0: the whole changelog)."""
+        partition = fold.shard
+        try:
+            stored = self.stores.read(partition)
+            if stored is None:
+                log.info("partition %d: no local store; restoring from the changelog", partition)
+                return 0
+            meta = stored.meta
+            refusal = self._refusal(meta, fold.cut, partition)
+        except StoreError as exc:
+            refusal = "damaged", str(exc)
+        if refusal is not None:
+            self._refuse(partition, *refusal)
+            return 0
+        fold.seed(self.stores.owner, stored.keys, stored.values)
+        fold.next_offset = meta.changelog_offset
+        log.info("partition %d: %d keys from the local store (input offset %d); replaying the changelog from offset "
+                 "%d", partition, len(stored.keys), meta.input_offset, meta.changelog_offset)
+        return meta.changelog_offset
+
+    def _refusal(self, meta: StoreMeta, cut: int, partition: int) -> tuple[str, str] | None:
+        """Why a local store may not be used, if it may not: (reason label, explanation)."""
+        layers, hidden, version = self.accepts
+        if meta.owner != self.stores.owner:
+            return "owner", f"written under another state.dir (owner {meta.owner}, this one is {self.stores.owner})"
+        if (meta.layers, meta.hidden) != (layers, hidden):
+            return "shape", (f"state of {meta.layers} layers x {meta.hidden}, the model's is {layers} x {hidden}")
+        if version is not None and meta.model != version:
+            return "version", f"written by model {meta.model}; under on_reload: reset_state only {version}'s is restored"
+        if meta.input_offset > cut:
+            return "ahead", (f"it reflects input offset {meta.input_offset}, beyond the committed {cut} (a "
+                             "checkpoint that was never committed)")
+        start = self.reader.log_start(partition)
+        if meta.changelog_offset < start:
+            return "deleted", (f"the changelog after it (from offset {meta.changelog_offset}) is gone: the log starts "
+                               f"at {start}")
+        return None
+
+    def _refuse(self, partition: int, reason: str, detail: str) -> None:
+        log.warning("partition %d: local store not used: %s; restoring from the changelog", partition, detail)
+        self.metrics.store_refused.labels(reason).inc()
+        self.stores.store(partition).remove()
 
     def _finish(self, partition: int) -> None:
-        fold, started = self._active.pop(partition)
+        restore = self._active[partition]
+        fold = restore.fold
+        if fold.foreign is not None:
+            self._refuse(partition, "served_elsewhere", f"owner {fold.foreign} served the partition after it was written")
+            self._active[partition] = _Restore(PartitionRestore(partition, fold.cut), restore.started, "changelog")
+            self.reader.start({partition: 0})
+            return
+        del self._active[partition]
         self.reader.stop({partition})
         state, incompatible = fold.rows(*self.accepts)
         self.table.load(state)
+        layers, hidden, _ = self.accepts
+        self.stores.establish(partition, fold.entries(), StoreMeta(self.stores.owner, layers, hidden, self.version,
+                                                                   fold.cut, fold.next_offset),
+                              replace=fold.owner is None)
+        self.io.send_state(self.changelog_topic, partition, OWNER_KEY, owner_marker(self.stores.owner))
         tp = TopicPartition(self.input_topic, partition)
         self._reflects[tp] = fold.cut
-        self.io.resume({tp})
-        m = self.metrics
-        seconds = time.perf_counter() - started
+        self._resume(tp)
+        m, source = self.metrics, restore.source
+        seconds = time.perf_counter() - restore.started
         m.restore_duration.observe(seconds)
-        m.restored_keys.inc(len(state.keys))
+        m.restores.labels(source).inc()
+        m.restored_keys.labels(source).inc(len(state.keys))
+        m.restore_replayed.labels(source).inc(fold.replayed)
         m.restore_skipped.labels("beyond_cut").inc(fold.skipped_beyond_cut)
         m.restore_skipped.labels("incompatible").inc(incompatible)
         m.restore_skipped.labels("unreadable").inc(fold.unreadable)
         m.live_keys.set(len(self.table))
-        log.info("partition %d: restored %d keys in %.2f s (cut at input offset %d; %d records beyond it, "
-                 "%d of another model's shape, %d unreadable)", partition, len(state.keys), seconds, fold.cut,
-                 fold.skipped_beyond_cut, incompatible, fold.unreadable)
+        m.store_bytes.set(self.stores.size())
+        log.info("partition %d: restored %d keys in %.2f s from %s (%d changelog records; cut at input offset %d; "
+                 "%d records beyond it, %d of another model's shape, %d unreadable)", partition, len(state.keys),
+                 seconds, "the local store and the changelog after it" if source == "local" else "the changelog",
+                 fold.replayed, fold.cut, fold.skipped_beyond_cut, incompatible, fold.unreadable)
+
+    def _resume(self, tp: TopicPartition) -> None:
+        self.io.resume({tp})
+        assigned = self._assigned_at.pop(tp, None)
+        if assigned is not None:
+            self.metrics.restore_ready.observe(time.perf_counter() - assigned)

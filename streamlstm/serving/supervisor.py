@@ -107,14 +107,16 @@ def wake_on_stop_signals() -> int:
 def worker_config(cfg: Config, index: int) -> Config:
     """A worker's configuration: its endpoints on a free loopback port (the supervisor's is the pod's),
     under exactly_once a transactional id of its own (a shared one would fence the others), and under
-    static membership a group instance id of its own (one instance id is one member of the group)."""
+    static membership a group instance id of its own (one instance id is one member of the group), and a
+    local store directory of its own (worker-<index> under state.dir: each writes only its partitions')."""
     kafka = cfg.kafka
     if kafka.processing_guarantee == "exactly_once":
         kafka = dataclasses.replace(kafka, transactional_id=f"{kafka.transactional_id_or_default()}-{index}")
     if kafka.group_instance_id:
         kafka = dataclasses.replace(kafka, group_instance_id=f"{kafka.group_instance_id}-{index}")
     http = dataclasses.replace(cfg.http, host="127.0.0.1", port=0)
-    return dataclasses.replace(cfg, kafka=kafka, http=http)
+    state = dataclasses.replace(cfg.state, dir=str(cfg.state.dir_or_default() / f"worker-{index}"))
+    return dataclasses.replace(cfg, kafka=kafka, http=http, state=state)
 
 
 def ask(port: int, path: str) -> tuple[int, str]:

@@ -99,6 +99,10 @@ class Transport(Protocol):
         """A changelog record, into the partition that matches the key's input partition."""
         ...
 
+    def state_end(self, partition: int) -> int | None:
+        """The offset after the last state record of a changelog partition acknowledged (None: none yet)."""
+        ...
+
     def mark_done(self, records: list[Record]) -> None:
         """Records whose outputs have been sent (not yet acknowledged)."""
         ...
@@ -115,8 +119,8 @@ class Transport(Protocol):
         """Wait for the broker to acknowledge everything sent; the source partitions it refused."""
         ...
 
-    def commit(self, offsets: Offsets, wait: bool = True) -> None:
-        """Commit offsets whose records the broker has acknowledged; a failed commit stays pending."""
+    def commit(self, offsets: Offsets, wait: bool = True) -> bool:
+        """Commit offsets whose records the broker has acknowledged; False: it failed, they stay pending."""
         ...
 
     def commit_revoked(self, partitions: set[TopicPartition]) -> None:
@@ -158,9 +162,15 @@ class Transport(Protocol):
 
 
 class ChangelogSource(Protocol):
-    """Changelog partitions read from their beginning to their current end, outside the group."""
+    """Changelog partitions read from an offset to their current end, outside the group."""
 
-    def start(self, partitions: set[int]) -> None: ...
+    def start(self, partitions: dict[int, int]) -> None:
+        """Read partitions from the given offsets (0: the beginning; one beyond the end: from the beginning)."""
+        ...
+
+    def log_start(self, partition: int) -> int:
+        """The first offset the partition still holds (retention may have deleted those before)."""
+        ...
 
     def stop(self, partitions: set[int]) -> None: ...
 

@@ -78,15 +78,25 @@ class Bookkeeping(ABC):
         self._done: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._failed: dict[int, Failure] = {}  # by source partition; written on the producer's thread too
+        self._state_ends: dict[int, int] = {}  # per changelog partition, the offset after our last acknowledged
         self.copartitioned = False
 
     @abstractmethod
     def _produce(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
-                 headers: list[tuple[str, bytes]] | None) -> None:
-        """Hand one record to the producer; a refusal later fails `source`. May raise TransportError."""
+                 headers: list[tuple[str, bytes]] | None, state: bool) -> None:
+        """Hand one record to the producer; a refusal later fails `source`, an acknowledged `state` record
+        calls `_acked_state`. May raise TransportError."""
+
+    def _acked_state(self, partition: int, offset: int) -> None:
+        if offset >= self._state_ends.get(partition, 0):
+            self._state_ends[partition] = offset + 1
+
+    def state_end(self, partition: int) -> int | None:
+        """The offset after the last state record of a changelog partition acknowledged (None: none yet)."""
+        return self._state_ends.get(partition)
 
     def _send(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
-              headers: list[tuple[str, bytes]] | None = None, offset: int | None = None) -> None:
+              headers: list[tuple[str, bytes]] | None = None, offset: int | None = None, state: bool = False) -> None:
         """Never raises: a refusal, now or after the producer's retries, fails the source partition.
 
         A failed partition's records after the failed one are not even sent: it will be redone from its
@@ -98,7 +108,7 @@ class Bookkeeping(ABC):
         if failure is not None and (offset is None or failure.offset is None or offset > failure.offset):
             return
         try:
-            self._produce(source, topic, key, value, partition, headers)
+            self._produce(source, topic, key, value, partition, headers, state)
         except TransportError as exc:
             self._fail(source, topic, exc, offset)
 
@@ -126,7 +136,7 @@ class Bookkeeping(ABC):
 
     def send_state(self, topic: str, partition: int, key: bytes, value: bytes | None,
                    headers: list[tuple[str, bytes]] | None = None) -> None:
-        self._send(partition, topic, key=key, value=value, partition=partition, headers=headers)
+        self._send(partition, topic, key=key, value=value, partition=partition, headers=headers, state=True)
 
     def mark_done(self, records: list[Record]) -> None:
         """A partition's last record counts."""
@@ -156,8 +166,9 @@ class Bookkeeping(ABC):
     def flush(self) -> dict[int, Failure]:
         """Wait for the broker to acknowledge everything sent; return the source partitions it refused."""
 
-    def commit(self, offsets: Offsets, wait: bool = True) -> None:
-        """Commit offsets whose records the broker has acknowledged (flush first, leave out failures).
+    def commit(self, offsets: Offsets, wait: bool = True) -> bool:
+        """Commit offsets whose records the broker has acknowledged (flush first, leave out failures);
+        whether it did (an asynchronous commit: whether it was handed over).
 
         A commit that fails is not fatal: the offsets stay pending for the next checkpoint, or, if the
         group has moved the partition, its next owner processes those events again.
@@ -167,8 +178,9 @@ class Bookkeeping(ABC):
         except TransportError as exc:
             log.warning("offset commit failed (%r); retried at the next checkpoint unless the partitions have "
                         "moved, in which case their new owner processes the events since the last commit", exc)
-            return
+            return False
         self._remember(offsets)
+        return True
 
     @abstractmethod
     def _commit(self, offsets: Offsets, wait: bool) -> None:

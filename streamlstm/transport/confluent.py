@@ -137,6 +137,7 @@ class ConfluentTransport(Bookkeeping):
     def __init__(self, cfg: KafkaConfig, rebalance: Rebalance) -> None:
         super().__init__(cfg)
         self._delivered: dict[int, Callable[[object, Message], None]] = {}  # one report callback per source
+        self._delivered_state: dict[int, Callable[[object, Message], None]] = {}  # and per state partition
         with _kafka_errors():
             self.producer = Producer(producer_config(cfg))
         self.copartitioned = self._same_partition_count(cfg.input_topic, cfg.output_topic)
@@ -199,8 +200,9 @@ class ConfluentTransport(Bookkeeping):
         return records
 
     def _produce(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
-                 headers: list[tuple[str, bytes]] | None) -> None:
-        on_delivery = self._delivered.get(source) or self._delivered.setdefault(source, partial(self._report, source))
+                 headers: list[tuple[str, bytes]] | None, state: bool) -> None:
+        reports = self._delivered_state if state else self._delivered
+        on_delivery = reports.get(source) or reports.setdefault(source, partial(self._report, source, state))
         partition = UNASSIGNED if partition is None else partition
         deadline = None
         while True:  # once per record: plain try/except, no context manager
@@ -216,9 +218,11 @@ class ConfluentTransport(Bookkeeping):
             except KafkaException as exc:
                 raise _transport_error(exc) from exc
 
-    def _report(self, source: int, error: object, message: Message) -> None:
+    def _report(self, source: int, state: bool, error: object, message: Message) -> None:
         if error is not None:
             self._fail(source, message.topic() or "", TransportError(str(error)))
+        elif state:
+            self._acked_state(message.partition(), message.offset())  # type: ignore[arg-type]  # delivered: known
 
     def flush(self) -> dict[int, Failure]:
         self.producer.flush()
@@ -303,7 +307,7 @@ def _records(topic: str, messages: list[Message], headers: Callable[[Message], l
 
 
 class ConfluentChangelogReader:
-    """ChangelogReader's job on librdkafka: changelog partitions from their beginning to their current
+    """ChangelogReader's job on librdkafka: changelog partitions from an offset to their current
     end, several at a time, by a consumer of its own outside the group (assigned, never subscribed)."""
 
     def __init__(self, cfg: KafkaConfig, topic: str) -> None:
@@ -319,14 +323,19 @@ class ConfluentChangelogReader:
                 "fetch.wait.max.ms": cfg.fetch_max_wait_ms, "isolation.level": isolation_level(cfg)})
         log.info("restores read %s on librdkafka %s", topic, libversion()[0])
 
-    def start(self, partitions: set[int]) -> None:
-        """From offset 0, and from the log's start if it begins later (auto.offset.reset): OFFSET_BEGINNING
-        would first ask for that start, which librdkafka puts off 500 ms while it knows no leader yet.
-        A partition already being read starts over."""
-        self.stop(partitions)
-        self._reading |= partitions
+    def start(self, partitions: dict[int, int]) -> None:
+        """From the offsets given, and from the log's start if it begins later (auto.offset.reset): for the
+        beginning 0, since OFFSET_BEGINNING would first ask for that start, which librdkafka puts off
+        500 ms while it knows no leader yet. A partition already being read starts over."""
+        self.stop(set(partitions))
+        self._reading |= partitions.keys()
         with _kafka_errors():
-            self.consumer.incremental_assign([Partition(self.topic, p, 0) for p in sorted(partitions)])
+            self.consumer.incremental_assign([Partition(self.topic, p, offset)
+                                              for p, offset in sorted(partitions.items())])
+
+    def log_start(self, partition: int) -> int:
+        with _kafka_errors():
+            return self.consumer.get_watermark_offsets(Partition(self.topic, partition), timeout=CALL_TIMEOUT_S)[0]
 
     def stop(self, partitions: set[int]) -> None:
         """Records of these partitions already fetched are dropped with them (librdkafka's op versions)."""

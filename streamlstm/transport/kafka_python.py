@@ -16,6 +16,7 @@ from typing import cast
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as KafkaPartition
 from kafka.errors import CorruptRecordError, KafkaError
+from kafka.producer.future import RecordMetadata
 from kafka.structs import OffsetAndMetadata
 
 from ..config import KafkaConfig
@@ -156,14 +157,19 @@ class KafkaPythonTransport(Bookkeeping):
                             max_records=self.cfg.max_poll_records)
 
     def _produce(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
-                 headers: list[tuple[str, bytes]] | None) -> None:
+                 headers: list[tuple[str, bytes]] | None, state: bool) -> None:
         try:
             if self.transactional:
                 self._ensure_transaction()
-            self.producer.send(topic, key=key, value=value, partition=partition,
-                               headers=headers).add_errback(self._fail, source, topic)
+            future = self.producer.send(topic, key=key, value=value, partition=partition,
+                                        headers=headers).add_errback(self._fail, source, topic)
+            if state:
+                future.add_callback(self._acked)
         except KafkaError as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _acked(self, metadata: RecordMetadata) -> None:
+        self._acked_state(metadata.partition, metadata.offset)
 
     def flush(self) -> dict[int, Failure]:
         """Under exactly_once one refusal aborts the transaction, which fails every partition in it."""

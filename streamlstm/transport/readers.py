@@ -1,4 +1,4 @@
-"""Reading topics from their beginning, outside the consumer group, on kafka-python: a changelog's
+"""Reading topics from an offset, outside the consumer group, on kafka-python: a changelog's
 partitions for a restore under `kafka.client: kafka-python` (confluent.py has librdkafka's reader), a
 whole topic for training whichever client serves. Knows nothing of torch or of what the records mean.
 """
@@ -11,7 +11,7 @@ from kafka import TopicPartition as KafkaPartition
 
 from ..config import KafkaConfig
 from .api import Record, TopicError
-from .clients import UNREADABLE_CHANGELOG
+from .clients import CONSUMER_CALL_TIMEOUT_MS, UNREADABLE_CHANGELOG
 from .kafka_python import (
     fetched_end,
     new_consumer,
@@ -22,19 +22,25 @@ from .kafka_python import (
 
 
 class ChangelogReader:
-    """Reads changelog partitions from their beginning to their current end, several at a time.
+    """Reads changelog partitions from an offset to their current end, several at a time.
 
     A consumer of its own, outside the group: restoring one partition never holds up the others.
     """
 
     def __init__(self, cfg: KafkaConfig, topic: str) -> None:
         self.topic = topic
-        self.consumer = new_consumer(cfg, "-restore")
+        self.consumer = new_consumer(cfg, "-restore", auto_offset_reset="earliest")
 
-    def start(self, partitions: set[int]) -> None:
-        tps = {KafkaPartition(self.topic, p) for p in partitions}
-        self.consumer.assign(sorted(self.consumer.assignment() | tps))
-        self.consumer.seek_to_beginning(*tps)
+    def start(self, partitions: dict[int, int]) -> None:
+        tps = {KafkaPartition(self.topic, p): offset for p, offset in partitions.items()}
+        self.consumer.assign(sorted(self.consumer.assignment() | tps.keys()))
+        for tp, offset in tps.items():
+            self.consumer.seek(tp, offset)
+
+    def log_start(self, partition: int) -> int:
+        tp = KafkaPartition(self.topic, partition)
+        with translated():
+            return self.consumer.beginning_offsets([tp], timeout_ms=CONSUMER_CALL_TIMEOUT_MS)[tp]
 
     def stop(self, partitions: set[int]) -> None:
         tps = {KafkaPartition(self.topic, p) for p in partitions}

@@ -1,0 +1,232 @@
+"""The local state store: per input partition, each key's latest changelog record on local disk, so a
+restart replays only the changelog written after it instead of the whole changelog.
+
+One SQLite file per partition (standard library; WAL, so a kill -9 mid-write leaves the last committed
+write; 16 KiB pages for 1 KB values), holding key -> changelog value (the record format of changelog.py)
+with a CRC-32 of key and value that SQLite itself does not keep, and one row of metadata: the owner (this
+directory's id), the state shape and model version, the input offset the state reflects and the changelog
+offset from which records may be missing from it. Writes run on a thread of their own (SQLite releases the
+GIL while it works) in the order they are submitted. Knows nothing of Kafka or of torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import uuid
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+from ..errors import UsageError
+from ..faults import crash_point
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+Entry = tuple[str, bytes | None]  # key, changelog value (None: dropped)
+
+
+class StoreError(Exception):
+    """A local store that cannot be trusted or read: the partition restores from the changelog instead."""
+
+
+class StoreMeta(NamedTuple):
+    owner: str
+    layers: int
+    hidden: int
+    model: str
+    input_offset: int  # the next input offset: the state reflects exactly the events before it
+    changelog_offset: int  # changelog records from this offset on may be missing from the store
+
+
+class StoredState(NamedTuple):
+    meta: StoreMeta
+    keys: list[str]
+    values: list[bytes]
+
+
+def _checksum(key: str, value: bytes) -> int:
+    return zlib.crc32(value, zlib.crc32(key.encode("utf-8", "surrogatepass")))
+
+
+class PartitionStore:
+    """One partition's SQLite file; its methods are called by one thread at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA page_size = 16384")  # before the first table: 1 KB values fit in pages
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")  # the changelog is the durable copy; a torn store is refused
+            db.execute("CREATE TABLE IF NOT EXISTS meta (schema INTEGER, owner TEXT, layers INTEGER, hidden INTEGER, "
+                       "model TEXT, input_offset INTEGER, changelog_offset INTEGER)")
+            db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL, "
+                       "crc INTEGER NOT NULL) WITHOUT ROWID")
+            self._db = db
+        return self._db
+
+    def read(self) -> StoredState | None:
+        """Everything, checked; None if the store holds nothing yet. Raises StoreError if it is damaged."""
+        if not self.path.exists():
+            return None
+        try:
+            db = self._connection()
+            rows = db.execute("SELECT schema, owner, layers, hidden, model, input_offset, changelog_offset "
+                              "FROM meta").fetchall()
+            if not rows:
+                return None
+            if len(rows) != 1 or rows[0][0] != SCHEMA:
+                raise StoreError(f"{self.path}: metadata of another schema or repeated ({len(rows)} rows)")
+            meta = StoreMeta(*rows[0][1:])
+            keys, values, crcs = [], [], []
+            for key, value, crc in db.execute("SELECT key, value, crc FROM state"):
+                keys.append(key)
+                values.append(value)
+                crcs.append(crc)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: unreadable ({exc})") from exc
+        bad = sum(_checksum(k, v) != crc for k, v, crc in zip(keys, values, crcs))
+        if bad:
+            raise StoreError(f"{self.path}: {bad} of {len(keys)} records fail their checksum")
+        return StoredState(meta, keys, values)
+
+    def write(self, entries: Iterable[Entry], meta: StoreMeta, replace: bool) -> None:
+        """One transaction: all of it or, after a crash, none of it. `replace`: the entries are all there is."""
+        db = self._connection()
+        db.execute("BEGIN")
+        try:
+            if replace:
+                db.execute("DELETE FROM state")
+            live, dropped = [], []
+            for key, value in entries:
+                if value is None:
+                    dropped.append((key,))
+                else:
+                    live.append((key, value, _checksum(key, value)))
+            db.executemany("DELETE FROM state WHERE key = ?", dropped)
+            db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", live)
+            db.execute("DELETE FROM meta")
+            db.execute("INSERT INTO meta VALUES (?, ?, ?, ?, ?, ?, ?)", (SCHEMA, *meta))
+            crash_point("store-write")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def remove(self) -> None:
+        self.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+    def size(self) -> int:
+        return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*"))
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+class LocalStores:
+    """The stores of one daemon's partitions under one directory, and the thread that writes them.
+
+    A partition's store takes checkpoint writes only once it is established (a restore wrote its whole
+    state: `establish`): a store that missed a write (it failed, or its partition was restored
+    elsewhere meanwhile) must never look complete again. Changes sent outside a checkpoint (when
+    partitions are revoked) are held and written with that partition's next checkpoint.
+    """
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.name = name
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            owner_file = directory / "owner"
+            if not owner_file.exists():
+                owner_file.write_text(uuid.uuid4().hex + "\n")
+            self.owner = owner_file.read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"config: state.dir: {directory} cannot be used ({exc}); point it at a writable "
+                             "directory (a volume in Kubernetes)") from exc
+        self._stores: dict[int, PartitionStore] = {}
+        self._meta: dict[int, StoreMeta] = {}  # of the established stores, as last submitted
+        self._held: dict[int, list[Entry]] = {}
+        self._queue: queue.Queue[tuple[int, list[Entry], StoreMeta, bool] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._write_all, name="local-store-writer", daemon=True)
+        self._thread.start()
+
+    def store(self, partition: int) -> PartitionStore:
+        if partition not in self._stores:
+            self._stores[partition] = PartitionStore(self.directory / f"{self.name}-{partition}.sqlite")
+        return self._stores[partition]
+
+    def read(self, partition: int) -> StoredState | None:
+        """A partition's stored state, after every write submitted before."""
+        self._queue.join()
+        return self.store(partition).read()
+
+    def establish(self, partition: int, entries: list[Entry], meta: StoreMeta, replace: bool) -> None:
+        """After a restore: the store holds the partition's whole state, written in the background."""
+        self._held.pop(partition, None)
+        self._meta[partition] = meta
+        self._queue.put((partition, entries, meta, replace))
+
+    def disown(self, partitions: Iterable[int]) -> None:
+        """Partitions no longer ours (their files stay, for a return): no more writes until re-established."""
+        for partition in partitions:
+            self._meta.pop(partition, None)
+            self._held.pop(partition, None)
+
+    def hold(self, partition: int, entries: list[Entry]) -> None:
+        """Changes sent to the changelog without a commit: written with the partition's next checkpoint."""
+        if partition in self._meta:
+            self._held.setdefault(partition, []).extend(entries)
+
+    def submit(self, partition: int, entries: list[Entry], shape: tuple[int, int, str], input_offset: int | None,
+               changelog_offset: int | None) -> None:
+        """A checkpoint's changes of one partition, acknowledged, with the input offset committed (None: the
+        same as before) and the offset after the partition's last state record acknowledged (if known)."""
+        meta = self._meta.get(partition)
+        if meta is None:
+            return
+        layers, hidden, model = shape
+        meta = meta._replace(layers=layers, hidden=hidden, model=model,
+                             input_offset=meta.input_offset if input_offset is None else input_offset,
+                             changelog_offset=max(meta.changelog_offset, changelog_offset or 0))
+        self._meta[partition] = meta
+        self._queue.put((partition, self._held.pop(partition, []) + entries, meta, False))
+
+    def wait(self) -> None:
+        self._queue.join()
+
+    def size(self) -> int:
+        return sum(store.size() for store in list(self._stores.values()) if store.path.exists())
+
+    def _write_all(self) -> None:
+        while (job := self._queue.get()) is not None:
+            partition, entries, meta, replace = job
+            try:
+                self.store(partition).write(entries, meta, replace)
+            except (sqlite3.Error, OSError) as exc:
+                log.error("partition %d: local store write failed (%s); it is removed and the partition will "
+                          "restore from the changelog next time", partition, exc)
+                self._meta.pop(partition, None)
+                self.store(partition).remove()
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def close(self) -> None:
+        """After the writes submitted so far."""
+        self._queue.put(None)
+        self._thread.join()
+        for store in self._stores.values():
+            store.close()
