@@ -211,7 +211,7 @@ class Daemon:
                             "output_topic": topics["serve"], "dlq_topic": topics["dlq"], "group_id": name,
                             "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
                   "model": {"path": str(model)}, "http": {"host": "127.0.0.1", "port": self.port},
-                  "log": {"level": "WARNING"}}
+                  "state": {"dir": str(tmp / f"{name}-state")}, "log": {"level": "WARNING"}}
         path = tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         self.log = tmp / f"{name}.log"

@@ -239,7 +239,7 @@ def restore(cfg: KafkaConfig, topic: str, partitions: int, cut: int, layers: int
     gc.freeze()
     started = time.perf_counter()
     try:
-        reader.start(set(folds))
+        reader.start(dict.fromkeys(folds, 0))
         active = set(folds)
         while active:
             if time.perf_counter() - started > RESTORE_TIMEOUT_S:

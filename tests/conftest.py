@@ -82,7 +82,7 @@ class DaemonProcess:
                       "output_topic": f"{self.topic}-out", "dlq_topic": f"{self.topic}-dlq",
                       "group_id": f"{self.topic}-group", "session_timeout_ms": 6000,
                       "heartbeat_interval_ms": 1000, "topic_partitions": 4},
-            "state": {"checkpoint_interval_ms": 200},
+            "state": {"checkpoint_interval_ms": 200, "dir": str(tmp / f"{self.topic}-{self.port}-state")},
             "model": {"path": str(model), "device": "cpu"},
             "http": {"host": "127.0.0.1", "port": self.port},
         }
@@ -102,7 +102,8 @@ class DaemonProcess:
         """Another daemon in the same group, on the same topics, with its own port and log."""
         other = DaemonProcess(self.tmp, self.broker, self.model)
         other.topic = self.topic
-        other.config = {**self.config, "http": {**self.config["http"], "port": other.port}}
+        other.config = {**self.config, "http": {**self.config["http"], "port": other.port},
+                        "state": {**self.config["state"], "dir": str(self.tmp / f"{self.topic}-{other.port}-state")}}
         other.config_file = self.tmp / f"{unique('replica')}.yaml"
         other.config_file.write_text(yaml.safe_dump(other.config))
         other.log_file = other.config_file.with_suffix(".log")

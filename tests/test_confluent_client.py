@@ -79,7 +79,7 @@ def test_a_mixed_group_survives_kill_9_and_joins_with_state_exact(tmp_path, brok
     assert_exact(tmp_path, model_dir, events, found)
     letters = consume_exactly(broker, first.kafka["dlq_topic"], len(bad))
     assert {dict(r.headers)[DLQ_REASON] for r in letters} == {b"wrong_feature_count"}
-    assert daemon_metric(group[2], "streamlstm_restored_keys_total") > 0
+    assert daemon_metric(group[2], "streamlstm_restored_keys_total", '{source="changelog"}') > 0
     assert all(d.stop() == 0 for d in group[1:])
 
 
@@ -112,16 +112,19 @@ def test_the_confluent_changelog_reader_reads_partitions_from_their_start_to_the
     reader = open_changelog(KafkaConfig(bootstrap_servers=broker.bootstrap, client="confluent"), topic)
     assert isinstance(reader, ConfluentChangelogReader)
     try:
-        reader.start({0, 1})
+        reader.start({0: 0, 1: 0})
         assert read_until_caught_up(reader, {0, 1}) == {0: written, 1: []}
         reader.stop({1})
         producer.send(topic, key=b"c", value=b"state-c", partition=1)
         producer.flush()
-        reader.start({1})
+        reader.start({1: 0})
         assert 1 not in reader.caught_up()  # its end of 0, from the first start, is not this restore's
         assert read_until_caught_up(reader, {1}) == {1: [(0, b"c", b"state-c", [])]}
-        reader.start({0})  # started again without a stop, as a restore begun anew: from its start
+        reader.start({0: 0})  # started again without a stop, as a restore begun anew: from its start
         assert read_until_caught_up(reader, {0}) == {0: written}
+        reader.start({0: 2})  # from an offset: a local store's tail
+        assert read_until_caught_up(reader, {0}) == {0: written[2:]}
+        assert reader.log_start(0) == 0
     finally:
         producer.close()
         reader.close()
@@ -143,7 +146,7 @@ def test_a_daemon_on_the_confluent_client_restores_its_state_through_librdkafka(
     produce(broker, daemon.topic, as_messages[1_500:])
     found = predictions_by_source(broker, daemon.kafka["output_topic"], len(events))
     assert assert_exact(tmp_path, model_dir, events, found) == 0
-    assert daemon_metric(again, "streamlstm_restored_keys_total") == 200
+    assert daemon_metric(again, "streamlstm_restored_keys_total", '{source="changelog"}') == 200
     changelog_topic = StateConfig().changelog_for(KafkaConfig(**daemon.kafka))
     assert f"restores read {changelog_topic} on librdkafka" in again.log_file.read_text()
     assert again.stop() == 0

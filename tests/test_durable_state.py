@@ -121,9 +121,12 @@ def assert_exact(tmp_path, model_dir, events: list[dict], found: dict[int, list[
     return duplicates
 
 
-@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+@pytest.mark.parametrize("guarantee,state_dir", [("at_least_once", "kept"), ("exactly_once", "kept"),
+                                                 ("at_least_once", "new")])
 def test_kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice(tmp_path, broker, model_dir,
-                                                                            daemon_factory, guarantee):
+                                                                            daemon_factory, guarantee, state_dir):
+    """Restarted on the same state.dir (its local stores, torn or behind, and the changelog after them)
+    or as a new pod (the whole changelog)."""
     events = make_events(8_000, 400, seed=11)
     daemon = daemon_factory(kafka__processing_guarantee=guarantee, kafka__transactional_id=unique("txn"),
                             kafka__session_timeout_ms=REBALANCE_SESSION_MS)
@@ -137,11 +140,12 @@ def test_kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice(tmp_pa
         time.sleep(rng.uniform(0.5, 2.5))
         daemon.kill()  # SIGKILL: no checkpoint, no leaving the group
         kills += 1
-        daemon = daemon.replica().start()
+        daemon = (daemon if state_dir == "kept" else daemon.replica()).start()
     committed = "read_committed" if guarantee == "exactly_once" else "read_uncommitted"
     found = predictions_by_source(broker, daemon.kafka["output_topic"], len(events), isolation_level=committed)
     duplicates = assert_exact(tmp_path, model_dir, events, found)
-    assert kills >= 5 and daemon_metric(daemon, "streamlstm_restored_keys_total") > 0
+    source = '{source="local"}' if state_dir == "kept" else '{source="changelog"}'
+    assert kills >= 5 and daemon_metric(daemon, "streamlstm_restored_keys_total", source) > 0
     if guarantee == "at_least_once":
         assert duplicates > 0, "the crashes must have made the daemon repeat some work"
     elif duplicates:
@@ -182,8 +186,30 @@ def test_sigterm_then_restart_repeats_nothing_and_state_carries_over(tmp_path, b
     produce(broker, daemon.topic, as_messages[1_500:])
     found = predictions_by_source(broker, daemon.kafka["output_topic"], len(events))
     assert assert_exact(tmp_path, model_dir, events, found) == 0
-    assert daemon_metric(again, "streamlstm_restored_keys_total") == 200
+    assert daemon_metric(again, "streamlstm_restored_keys_total", '{source="changelog"}') == 200
     assert again.stop() == 0
+
+
+def test_a_restart_on_the_same_state_dir_loads_the_local_stores_and_replays_nothing(tmp_path, broker, model_dir,
+                                                                                  daemon_factory):
+    """After SIGTERM the final checkpoint is in the local stores: the restart reads no state record from the
+    changelog (only the owner markers after them), and every prediction is still exact."""
+    events = make_events(3_000, 200, seed=14)
+    daemon = daemon_factory()
+    prepare(daemon)
+    daemon.start()
+    as_messages = [(e["key"].encode(), event_value(e["features"], e["ts"])) for e in events]
+    produce(broker, daemon.topic, as_messages[:1_500])
+    predictions_by_source(broker, daemon.kafka["output_topic"], 1_500)
+    assert daemon.stop() == 0
+    daemon.start()
+    produce(broker, daemon.topic, as_messages[1_500:])
+    found = predictions_by_source(broker, daemon.kafka["output_topic"], len(events))
+    assert assert_exact(tmp_path, model_dir, events, found) == 0
+    assert daemon_metric(daemon, "streamlstm_restored_keys_total", '{source="local"}') == 200
+    assert daemon_metric(daemon, "streamlstm_restores_total", '{source="changelog"}') == 0
+    assert daemon_metric(daemon, "streamlstm_restore_replayed_records_total", '{source="local"}') == 0
+    assert daemon.stop() == 0
 
 
 def test_restore_pauses_only_the_partition_being_restored(broker, daemon_factory):

@@ -119,7 +119,7 @@ def _serve_and_replay(work: Path, broker: EmbeddedBroker, files: TourismFiles) -
                         heartbeat_interval_ms=1000)
     port = free_port()
     cfg = dataclasses.replace(Config(), kafka=kafka)
-    config = {"kafka": dataclasses.asdict(cfg.kafka), "state": {"checkpoint_interval_ms": 500},
+    config = {"kafka": dataclasses.asdict(cfg.kafka), "state": {"checkpoint_interval_ms": 500, "dir": str(work / "state")},
               "model": {"path": str(work / "model")},
               "http": {"host": "127.0.0.1", "port": port}}
     config_file = work / "streamlstm.yaml"

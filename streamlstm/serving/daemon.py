@@ -171,11 +171,11 @@ class Daemon:
             if failed := self.checkpointer.checkpoint().failed:
                 log.warning("input partitions %s stay uncommitted (the broker refused their records); their "
                             "next owner redoes them from their last commit", sorted(failed))
-        finally:
+        finally:  # the transport first: leaving the group revokes, which stops the reader's restores
             self.watcher.close()
-            self.stores.close()
-            self.restorer.reader.close()
             io.close()
+            self.restorer.reader.close()
+            self.stores.close()
             self.http.stop()
         log.info("stopped")
 

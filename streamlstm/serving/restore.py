@@ -179,13 +179,14 @@ class Restorer:
         partition = fold.shard
         try:
             stored = self.stores.read(partition)
-            if stored is None:
-                log.info("partition %d: no local store; restoring from the changelog", partition)
-                return 0
-            meta = stored.meta
-            refusal = self._refusal(meta, fold.cut, partition)
         except StoreError as exc:
-            refusal = "damaged", str(exc)
+            self._refuse(partition, "damaged", str(exc))
+            return 0
+        if stored is None:
+            log.info("partition %d: no local store; restoring from the changelog", partition)
+            return 0
+        meta = stored.meta
+        refusal = self._refusal(meta, fold.cut, partition)
         if refusal is not None:
             self._refuse(partition, *refusal)
             return 0

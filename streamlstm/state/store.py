@@ -11,6 +11,7 @@ GIL while it works) in the order they are submitted. Knows nothing of Kafka or o
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import queue
 import sqlite3
@@ -19,7 +20,7 @@ import uuid
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 from ..errors import UsageError
 from ..faults import crash_point
@@ -127,7 +128,13 @@ class PartitionStore:
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
     def size(self) -> int:
-        return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*"))
+        total = 0
+        for path in self.path.parent.glob(self.path.name + "*"):
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:  # SQLite's transient files come and go
+                pass
+        return total
 
     def close(self) -> None:
         if self._db is not None:
@@ -149,6 +156,7 @@ class LocalStores:
         self.name = name
         try:
             directory.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock(directory)
             owner_file = directory / "owner"
             if not owner_file.exists():
                 owner_file.write_text(uuid.uuid4().hex + "\n")
@@ -230,3 +238,17 @@ class LocalStores:
         self._thread.join()
         for store in self._stores.values():
             store.close()
+        self._lock.close()
+
+
+def _lock(directory: Path) -> IO[bytes]:
+    """Hold the directory for this process (released at exit, even on kill -9): two daemons writing the
+    same stores would each take the other's for its own."""
+    lock = open(directory / "lock", "wb")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UsageError(f"config: state.dir: {directory} is in use by another streamlstm process; give each daemon "
+                         "(each replica on one host) a state.dir of its own") from None
+    return lock
