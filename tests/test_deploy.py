@@ -52,7 +52,8 @@ def one(objects: list[dict], kind: str, name: str | None = None) -> dict:
 
 
 def pod_specs(objects: list[dict]) -> list[dict]:
-    templates = {"Deployment": lambda o: o["spec"]["template"], "Job": lambda o: o["spec"]["template"],
+    templates = {"Deployment": lambda o: o["spec"]["template"], "StatefulSet": lambda o: o["spec"]["template"],
+                 "Job": lambda o: o["spec"]["template"],
                  "CronJob": lambda o: o["spec"]["jobTemplate"]["spec"]["template"]}
     return [templates[o["kind"]](o)["spec"] for o in objects if o["kind"] in templates]
 
@@ -64,10 +65,10 @@ def env_of(container: dict) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
-    return {tree: render(tree) for tree in ("base", "cpu", "gpu", "trainer")}
+    return {tree: render(tree) for tree in ("base", "cpu", "gpu", "trainer", "statefulset")}
 
 
-@pytest.mark.parametrize("tree", ["base", "cpu", "gpu", "trainer"])
+@pytest.mark.parametrize("tree", ["base", "cpu", "gpu", "trainer", "statefulset"])
 def test_every_object_validates_against_kubernetes_1_33_strictly(rendered, tree):
     for obj in rendered[tree]:
         if obj["kind"] in CRDS:
@@ -119,7 +120,7 @@ def test_the_daemon_pod_probes_health_and_stops_within_its_grace_period(rendered
     assert pod["terminationGracePeriodSeconds"] > worst_checkpoint_s
 
 
-@pytest.mark.parametrize("tree", ["cpu", "gpu", "trainer"])
+@pytest.mark.parametrize("tree", ["cpu", "gpu", "trainer", "statefulset"])
 def test_every_pod_runs_restricted_with_scratch_on_an_empty_dir(rendered, tree):
     for pod in pod_specs(rendered[tree]):
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
@@ -248,3 +249,45 @@ def test_the_dockerfile_runs_the_daemon_as_a_numeric_user_in_exec_form():
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     copied = [word for line in lines if line.startswith("COPY ") for word in line.split()[1:-1]]
     assert all(f"!{path}" in ignored or f"!{path}/" in ignored for path in copied)
+
+
+def mounted_at(pod: dict, path: str) -> str:
+    return next(m["name"] for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == path)
+
+
+def test_the_deployment_keeps_its_local_stores_on_an_empty_dir(rendered):
+    pod = one(rendered["cpu"], "Deployment")["spec"]["template"]["spec"]
+    cfg = load_config(ROOT / "config" / "streamlstm.yaml", environ=env_of(pod["containers"][0]))
+    state = mounted_at(pod, cfg.state.dir)
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == state)
+
+
+def test_the_statefulset_is_the_deployments_pod_with_a_claim_for_its_state_and_identities_from_its_name(rendered):
+    objects = rendered["statefulset"]
+    assert not [o for o in objects if o["kind"] == "Deployment"]
+    stateful = one(objects, "StatefulSet")
+    pod, deployed = stateful["spec"]["template"]["spec"], one(rendered["cpu"], "Deployment")["spec"]["template"]["spec"]
+    container, original = pod["containers"][0], deployed["containers"][0]
+    # the same pod: probes, resources, security, grace period, image; only the state volume and env differ
+    for field in ("livenessProbe", "readinessProbe", "startupProbe", "resources", "securityContext", "image", "args"):
+        assert container[field] == original[field], field
+    assert {k: v for k, v in pod.items() if k not in ("containers", "volumes")} == \
+        {k: v for k, v in deployed.items() if k not in ("containers", "volumes")}
+    cfg = load_config(ROOT / "config" / "streamlstm.yaml", environ=env_of(container))
+    claim = mounted_at(pod, cfg.state.dir)
+    assert claim not in {v["name"] for v in pod["volumes"]}  # not an emptyDir: the claim of the same name
+    (template,) = stateful["spec"]["volumeClaimTemplates"]
+    assert template["metadata"]["name"] == claim and template["spec"]["accessModes"] == ["ReadWriteOnce"]
+    from_name = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]
+                 if "fieldRef" in e.get("valueFrom", {})}
+    assert from_name == {"STREAMLSTM_KAFKA__GROUP_INSTANCE_ID": "metadata.name",
+                         "STREAMLSTM_KAFKA__TRANSACTIONAL_ID": "metadata.name"}
+    assert cfg.kafka.session_timeout_ms > 60_000  # a pod restart fits in it: no rebalance
+    labels = stateful["spec"]["template"]["metadata"]["labels"]
+    assert selects(stateful["spec"]["selector"], labels) and selects(one(objects, "PodDisruptionBudget")["spec"][
+        "selector"], labels)
+    assert stateful["spec"]["serviceName"] == one(objects, "Service")["metadata"]["name"]
+    assert one(objects, "ScaledObject")["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                                                      "name": stateful["metadata"]["name"]}
+    config_map = one(objects, "ConfigMap")["metadata"]["name"]
+    assert {"name": "config", "configMap": {"name": config_map}} in pod["volumes"]
