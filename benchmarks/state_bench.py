@@ -9,7 +9,11 @@ What it measures, for `--keys` live keys (default 100 000) of an LSTM with `--hi
      Checkpointer.finish): take_changes → changelog.encode → one producer send per record into the
      key's partition → producer flush, i.e. every record acknowledged (acks=all). Total, µs and bytes
      per key, and where the time goes. Repeated into a single-partition changelog for comparison;
-  3. restore, once per `--client` (default both, kafka-python then confluent): the changelog read from
+  3. local store (state/store.py): every key written into fresh per-partition stores (what a restore
+     does after reading the changelog), then every key changed (a checkpoint's write after its commit),
+     each timed to the writer thread's end; then a restart's restore from them: every store read and
+     checked (CRC-32 per record), folded (PartitionRestore.seed) and loaded into a fresh table, verified;
+  4. restore, once per `--client` (default both, kafka-python then confluent): the changelog read from
      its beginning with the reader the daemon opens for that kafka.client (transport.open_changelog: a
      consumer of its own, polled until each partition is caught up with the fetch high watermark),
      folded a poll at a time with PartitionRestore.add_many (cut above every offset written) and loaded
@@ -38,6 +42,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -59,6 +64,7 @@ from streamlstm.demo.broker import EmbeddedBroker  # noqa: E402
 from streamlstm.serving.restore import RESTORE_POLL_MS  # noqa: E402
 from streamlstm.state import changelog  # noqa: E402
 from streamlstm.state.changelog import PartitionRestore  # noqa: E402
+from streamlstm.state.store import LocalStores, StoreMeta  # noqa: E402
 from streamlstm.state.table import StateKey, StateTable  # noqa: E402
 from streamlstm.transport import open_changelog  # noqa: E402
 from streamlstm.transport.admin import ensure_changelog, ensure_topics  # noqa: E402
@@ -98,6 +104,22 @@ class Checkpoint:
     @property
     def total_s(self) -> float:
         return self.take_changes_s + self.encode_s + self.send_s + self.flush_s
+
+
+@dataclass
+class LocalStore:
+    partitions: int
+    keys: int
+    write_s: float  # every key into empty stores (LocalStores.establish, replace)
+    rewrite_s: float  # every key changed (LocalStores.submit, as a checkpoint)
+    bytes: int
+    read_s: float  # every store read and checked
+    seed_rows_s: float  # PartitionRestore.seed and rows()
+    load_s: float
+
+    @property
+    def restore_s(self) -> float:
+        return self.read_s + self.seed_rows_s + self.load_s
 
 
 @dataclass
@@ -221,6 +243,53 @@ def checkpoint(table: StateTable, producer: KafkaProducer, topic: str, partition
                       t1 - t0, t2 - t1, t3 - t2, t4 - t3, producer_stats(producer))
 
 
+# --------------------------------------------------------------------------- local store
+
+def local_store(table: StateTable, keys: list[StateKey], partitions: int, cut: int, directory: Path,
+                layers: int, hidden: int) -> tuple[StateTable, LocalStore]:
+    """Write every key into fresh stores, rewrite them all, then restore a fresh table from them."""
+    rows = table.export([table.row(k) for k in keys])  # type: ignore[misc]  # every key is in the table
+    values = changelog.encode(rows, MODEL_VERSION)
+    entries: dict[int, list[tuple[str, bytes | None]]] = {p: [] for p in range(partitions)}
+    for (shard, name), value in zip(rows.keys, values):
+        entries[shard].append((name, value))
+    stores = LocalStores(directory, "bench")
+    meta = StoreMeta(stores.owner, layers, hidden, MODEL_VERSION, cut, 0)
+    t0 = time.perf_counter()
+    for p, changes in entries.items():
+        stores.establish(p, changes, meta, replace=True)
+    stores.wait()
+    t1 = time.perf_counter()
+    for p, changes in entries.items():
+        stores.submit(p, changes, (layers, hidden, MODEL_VERSION), cut, None)
+    stores.wait()
+    t2 = time.perf_counter()
+    size = stores.size()
+    stores.close()
+    restored, stores = StateTable(layers, hidden, CPU), LocalStores(directory, "bench")  # a restart
+    gc.collect()
+    gc.freeze()
+    read_s = seed_rows_s = load_s = 0.0
+    try:
+        for p in entries:
+            t3 = time.perf_counter()
+            stored = stores.read(p)
+            assert stored is not None
+            t4 = time.perf_counter()
+            fold = PartitionRestore(p, cut)
+            fold.seed(stores.owner, stored.keys, stored.values)
+            state, mismatched = fold.rows(layers, hidden)
+            t5 = time.perf_counter()
+            restored.load(state)
+            t6 = time.perf_counter()
+            check_fold(fold, mismatched)
+            read_s, seed_rows_s, load_s = read_s + t4 - t3, seed_rows_s + t5 - t4, load_s + t6 - t5
+    finally:
+        gc.unfreeze()
+        stores.close()
+    return restored, LocalStore(partitions, len(keys), t1 - t0, t2 - t1, size, read_s, seed_rows_s, load_s)
+
+
 # --------------------------------------------------------------------------- restore
 
 def restore(cfg: KafkaConfig, topic: str, partitions: int, cut: int, layers: int,
@@ -306,7 +375,8 @@ def restore_summary(r: Restore) -> dict[str, object]:
             "us_per_key": round(per_key_us(r.total_s, r.keys), 2)}
 
 
-def summary(memory: Memory, checkpoints: list[Checkpoint], restores: list[Restore]) -> dict[str, object]:
+def summary(memory: Memory, checkpoints: list[Checkpoint], local: LocalStore,
+            restores: list[Restore]) -> dict[str, object]:
     """`restore` is the first client's (as reports before --client had it), `restores` every client's."""
     n = memory.keys
     return {
@@ -319,12 +389,17 @@ def summary(memory: Memory, checkpoints: list[Checkpoint], restores: list[Restor
                          "value_bytes_per_key": round(c.value_bytes / c.keys, 1),
                          "key_bytes_per_key": round(c.key_bytes / c.keys, 1),
                          "keys_per_s": round(c.keys / c.total_s)} for c in checkpoints],
+        "local_store": {**asdict(local), "restore_s": round(local.restore_s, 4),
+                        "write_us_per_key": round(per_key_us(local.write_s, n), 2),
+                        "rewrite_us_per_key": round(per_key_us(local.rewrite_s, n), 2),
+                        "bytes_per_key": round(local.bytes / n, 1),
+                        "restore_keys_per_s": round(n / local.restore_s)},
         "restore": restore_summary(restores[0]),
         "restores": {r.client: restore_summary(r) for r in restores},
     }
 
 
-def print_table(args: argparse.Namespace, memory: Memory, checkpoints: list[Checkpoint],
+def print_table(args: argparse.Namespace, memory: Memory, checkpoints: list[Checkpoint], local: LocalStore,
                 restores: list[Restore]) -> None:
     n = memory.keys
     print(f"{n} keys, hidden {args.hidden}, {args.layers} layers, {args.partitions} partitions; "
@@ -344,6 +419,11 @@ def print_table(args: argparse.Namespace, memory: Memory, checkpoints: list[Chec
     for c in checkpoints:
         print(f"    {c.partitions} partition(s): take_changes {c.take_changes_s:.3f} s, encode {c.encode_s:.3f} s; "
               f"producer {c.producer}")
+    print(f"\nlocal store, {n} keys in {local.partitions} SQLite files ({local.bytes / n:.0f} B per key on disk)")
+    print(f"  write all (a restore's)   {local.write_s:8.2f} s   {per_key_us(local.write_s, n):6.1f} µs/key")
+    print(f"  rewrite all (checkpoint)  {local.rewrite_s:8.2f} s   {per_key_us(local.rewrite_s, n):6.1f} µs/key")
+    print(f"  restore from it           {local.restore_s:8.2f} s   {n / local.restore_s:10.0f} keys/s   (read and "
+          f"check {local.read_s:.2f} s, seed + rows {local.seed_rows_s:.2f} s, load {local.load_s:.2f} s), verified equal")
     for r in restores:
         read_fold = r.total_s - r.rows_s - r.load_s
         print(f"\nrestore on {r.client}, {r.keys} keys from {r.partitions} partitions ({r.records} records), "
@@ -390,6 +470,11 @@ def main() -> None:
         producer = make_producer(broker.bootstrap, list(topics.values()))
         try:
             checkpoints = [checkpoint(table, producer, topics["sharded"], args.partitions, lambda shard: shard)]
+            with tempfile.TemporaryDirectory(prefix="state-bench-") as directory:
+                restored_table, local = local_store(table, keys, args.partitions, cut, Path(directory), args.layers,
+                                                    args.hidden)
+            verify(table, restored_table, keys)
+            del restored_table
             restores = []
             for client in args.client:
                 restored_table, restored = restore(replace(sharded, client=client), topics["sharded"],
@@ -401,7 +486,7 @@ def main() -> None:
             checkpoints.append(checkpoint(table, producer, topics["single"], 1, lambda shard: 0))
         finally:
             producer.close()
-    print_table(args, memory, checkpoints, restores)
+    print_table(args, memory, checkpoints, local, restores)
     print(f"\nwhole run {time.perf_counter() - started:.0f} s; broker: {BROKER}")
     report = {
         "benchmark": "state", "command": shlex.join([sys.executable, *sys.argv]),
@@ -412,7 +497,7 @@ def main() -> None:
                        "producer": PRODUCER_SETTINGS,
                        "restore_poll_ms": RESTORE_POLL_MS, "max_poll_records": sharded.max_poll_records,
                        "fetch_max_wait_ms": sharded.fetch_max_wait_ms},
-        **summary(memory, checkpoints, restores),
+        **summary(memory, checkpoints, local, restores),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
