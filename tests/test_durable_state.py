@@ -172,7 +172,11 @@ def test_rebalances_as_daemons_die_and_join_keep_state_exact(tmp_path, broker, m
     assert stop_together(group[0], group[2], group[3]) == [0, 0, 0]
 
 
-def test_sigterm_then_restart_repeats_nothing_and_state_carries_over(tmp_path, broker, model_dir, daemon_factory):
+@pytest.mark.parametrize("state_dir", ["new", "kept"])
+def test_sigterm_then_restart_repeats_nothing_and_state_carries_over(tmp_path, broker, model_dir, daemon_factory,
+                                                                     state_dir):
+    """As a new pod, the state comes from the changelog; on the same state.dir, from the local stores,
+    where the final checkpoint is: no changelog record is replayed."""
     events = make_events(3_000, 200, seed=13)
     daemon = daemon_factory()
     prepare(daemon)
@@ -182,34 +186,16 @@ def test_sigterm_then_restart_repeats_nothing_and_state_carries_over(tmp_path, b
     predictions_by_source(broker, daemon.kafka["output_topic"], 1_500)
     assert daemon.stop(signal.SIGTERM) == 0
     assert "Traceback" not in daemon.log()
-    again = daemon.replica().start()
+    again = (daemon.replica() if state_dir == "new" else daemon).start()
     produce(broker, daemon.topic, as_messages[1_500:])
     found = predictions_by_source(broker, daemon.kafka["output_topic"], len(events))
     assert assert_exact(tmp_path, model_dir, events, found) == 0
-    assert daemon_metric(again, "streamlstm_restored_keys_total", '{source="changelog"}') == 200
+    source = "changelog" if state_dir == "new" else "local"
+    assert daemon_metric(again, "streamlstm_restored_keys_total", f'{{source="{source}"}}') == 200
+    if state_dir == "kept":
+        assert daemon_metric(again, "streamlstm_restores_total", '{source="changelog"}') == 0
+        assert daemon_metric(again, "streamlstm_restore_replayed_records_total", '{source="local"}') == 0
     assert again.stop() == 0
-
-
-def test_a_restart_on_the_same_state_dir_loads_the_local_stores_and_replays_nothing(tmp_path, broker, model_dir,
-                                                                                  daemon_factory):
-    """After SIGTERM the final checkpoint is in the local stores: the restart reads no state record from the
-    changelog (only the owner markers after them), and every prediction is still exact."""
-    events = make_events(3_000, 200, seed=14)
-    daemon = daemon_factory()
-    prepare(daemon)
-    daemon.start()
-    as_messages = [(e["key"].encode(), event_value(e["features"], e["ts"])) for e in events]
-    produce(broker, daemon.topic, as_messages[:1_500])
-    predictions_by_source(broker, daemon.kafka["output_topic"], 1_500)
-    assert daemon.stop() == 0
-    daemon.start()
-    produce(broker, daemon.topic, as_messages[1_500:])
-    found = predictions_by_source(broker, daemon.kafka["output_topic"], len(events))
-    assert assert_exact(tmp_path, model_dir, events, found) == 0
-    assert daemon_metric(daemon, "streamlstm_restored_keys_total", '{source="local"}') == 200
-    assert daemon_metric(daemon, "streamlstm_restores_total", '{source="changelog"}') == 0
-    assert daemon_metric(daemon, "streamlstm_restore_replayed_records_total", '{source="local"}') == 0
-    assert daemon.stop() == 0
 
 
 def test_restore_pauses_only_the_partition_being_restored(broker, daemon_factory):
