@@ -111,8 +111,11 @@ class DaemonProcess:
         self.family.append(other)
         return other
 
-    def start(self, timeout_s: float = 60, wait_ready: bool = True) -> DaemonProcess:
+    def start(self, timeout_s: float = 60, wait_ready: bool = True, crash_at: str = "") -> DaemonProcess:
+        """`crash_at`: a crash point (streamlstm/faults.py) where the daemon is to kill itself."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLSTM_")}
+        if crash_at:
+            env["STREAMLSTM_CRASH_AT"] = crash_at
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamlstm", "serve", "--config", str(self.config_file)],
             stdout=open(self.log_file, "wb"), stderr=subprocess.STDOUT, env=env)
@@ -127,6 +130,9 @@ class DaemonProcess:
             return condition()
 
         wait_until(alive_and, timeout_s, what, self.log)
+
+    def wait_for_exit(self, timeout_s: float, what: str) -> None:
+        wait_until(lambda: self.proc.poll() is not None, timeout_s, what, self.log)
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace")[-5000:]

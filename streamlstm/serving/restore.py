@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from operator import attrgetter
 
+from ..faults import crash_point
 from ..state.changelog import OWNER_KEY, PartitionRestore, owner_marker
 from ..state.store import LocalStores, StoreError, StoreMeta
 from ..state.table import StateTable
@@ -192,6 +193,7 @@ class Restorer:
             return 0
         fold.seed(self.stores.owner, stored.keys, stored.values)
         fold.next_offset = meta.changelog_offset
+        crash_point("local-restore")
         log.info("partition %d: %d keys from the local store (input offset %d); replaying the changelog from offset "
                  "%d", partition, len(stored.keys), meta.input_offset, meta.changelog_offset)
         return meta.changelog_offset
