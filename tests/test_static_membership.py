@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import daemon_metric, wait_until
+from conftest import daemon_metric, http_get, wait_until
 from test_durable_state import Feeder, assert_exact, make_events, predictions_by_source, prepare
 
 from streamlstm.config import load_config
@@ -26,33 +26,47 @@ def test_each_worker_is_a_static_member_of_its_own():
     assert worker_config(load_config(environ={}), 1).kafka.group_instance_id == ""
 
 
-@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
-def test_a_static_member_restarted_within_the_session_takes_its_partitions_back_alone(
-        client, tmp_path, broker, model_dir, daemon_factory):
-    first = daemon_factory(kafka__client=client, kafka__group_instance_id="a",
-                           kafka__session_timeout_ms=SESSION_MS)
-    prepare(first)
-    other = first.replica()
-    other.config["kafka"] = {**first.kafka, "group_instance_id": "b"}
-    other.config_file.write_text(yaml.safe_dump(other.config))
-    first.start(timeout_s=90)
-    other.start(timeout_s=90)
-    both_assigned = lambda: daemon_metric(first, "streamlstm_assigned_partitions") == 2 == daemon_metric(
-        other, "streamlstm_assigned_partitions")  # noqa: E731
-    wait_until(both_assigned, 60, "the partitions split two and two", first.log)
-    rebalances = daemon_metric(other, "streamlstm_rebalances_total")
+def static_member(first, instance_id: str):
+    """A daemon in `first`'s group with its own instance id (and its own port and state.dir)."""
+    member = first.replica()
+    member.config["kafka"] = {**first.kafka, "group_instance_id": instance_id}
+    member.config_file.write_text(yaml.safe_dump(member.config))
+    return member
 
-    events = make_events(3_000, 200, seed=7)
-    feeder = Feeder(broker.bootstrap, first.topic, events, per_second=300)
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_rolling_restart_of_static_members_moves_no_partition_and_replays_no_changelog(
+        client, tmp_path, broker, model_dir, daemon_factory):
+    """Three daemons, each stopped and started again in turn on its own state.dir, back within the
+    session: each takes its own partitions back from its local stores, and no member is rebalanced."""
+    first = daemon_factory(kafka__client=client, kafka__group_instance_id="a", kafka__session_timeout_ms=SESSION_MS)
+    prepare(first)
+    group = [first, static_member(first, "b"), static_member(first, "c")]
+    for d in group:
+        d.start(wait_ready=False)
+    for d in group:
+        d.wait_for(lambda d=d: http_get(d.port, "/metrics")[0] == 200, 30, "serving metrics")
+    split = lambda: sorted(daemon_metric(d, "streamlstm_assigned_partitions") for d in group) == [1, 1, 2]  # noqa: E731
+    wait_until(split, 90, "the partitions split among the three", first.log)
+    for d in group:
+        d.wait_for(lambda d=d: http_get(d.port, "/readyz")[0] == 200, 30, "ready")
+
+    events = make_events(6_000, 300, seed=7)
+    feeder = Feeder(broker.bootstrap, first.topic, events, per_second=100)
     feeder.start()
-    wait_until(lambda: feeder.sent > 1_000, 30, "a third of the events sent")
-    assert first.stop() == 0
-    assert "staying in the group as static member 'a'" in first.log()
-    again = first.replica()  # the same instance id "a", a new process: as a pod restarted in place
-    again.start(timeout_s=SESSION_MS / 1000 + 30)
+    for d in group:
+        wait_until(lambda: feeder.sent > 500, 30, "events flowing")
+        held = daemon_metric(d, "streamlstm_assigned_partitions")
+        assert d.stop() == 0
+        assert f"staying in the group as static member {d.kafka['group_instance_id']!r}" in d.log()
+        d.start(timeout_s=SESSION_MS / 1000 + 30)  # the same instance id and state.dir: a pod restarted in place
+        assert daemon_metric(d, "streamlstm_assigned_partitions") == held
     feeder.join()
 
     assert_exact(tmp_path, model_dir, events, predictions_by_source(broker, first.kafka["output_topic"], len(events)))
-    assert daemon_metric(again, "streamlstm_assigned_partitions") == 2
-    assert daemon_metric(other, "streamlstm_rebalances_total") == rebalances, "the other member was rebalanced"
-    assert again.stop() == 0 and other.stop() == 0
+    for d in group:
+        assert daemon_metric(d, "streamlstm_restores_total", '{source="changelog"}') == 0
+        assert daemon_metric(d, "streamlstm_restores_total", '{source="local"}') == daemon_metric(
+            d, "streamlstm_assigned_partitions")
+        assert daemon_metric(d, "streamlstm_rebalances_total") == 1, "a member was rebalanced"
+    assert [d.stop() for d in group] == [0, 0, 0]
