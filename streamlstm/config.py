@@ -41,6 +41,7 @@ class KafkaConfig:
     dlq_topic: str = "events-dlq"
     group_id: str = "streamlstm"
     group_instance_id: str = ""
+    assignor: Literal["range", "cooperative-sticky"] = "range"
     client_id: str = "streamlstm"
     create_topics: bool = True
     topic_partitions: int = 4

@@ -67,6 +67,8 @@ def describe(offsets: Offsets) -> str:
 class MemoryTransport(Bookkeeping):
     """One group member's consumer and producer on a MemoryBroker (a fresh one unless given)."""
 
+    REVOCATION_WAITS = False  # as kafka-python's, whose callbacks run on its IO thread
+
     def __init__(self, cfg: KafkaConfig, broker: MemoryBroker | None = None) -> None:
         super().__init__(cfg)
         self.broker = broker if broker is not None else MemoryBroker()
@@ -100,13 +102,16 @@ class MemoryTransport(Bookkeeping):
                 if state:
                     self._acked_state(record.partition, offset)
 
-    def rebalance(self, listener: Rebalance, assigned: set[TopicPartition]) -> None:
-        """An eager rebalance: everything revoked, then `assigned` given, each consuming from its commit."""
-        if self.assignment:
-            listener.on_revoked(set(self.assignment))
+    def rebalance(self, listener: Rebalance, assigned: set[TopicPartition], cooperative: bool = False) -> None:
+        """An eager rebalance: everything revoked, then `assigned` given, each consuming from its commit.
+        Cooperative: only the partitions that go are revoked; those that stay go on where they are."""
+        revoked = self.assignment - assigned if cooperative else self.assignment
+        if revoked:
+            listener.on_revoked(set(revoked))
+        kept = self.assignment - revoked
         self.assignment = set(assigned)
-        self.positions = {tp: self.broker.committed.get(tp, 0) for tp in assigned}
-        self.paused = set()
+        self.positions = {tp: self.positions[tp] if tp in kept else self.broker.committed.get(tp, 0) for tp in assigned}
+        self.paused &= kept
         listener.on_assigned(set(assigned))
 
     # Bookkeeping's client calls.

@@ -361,6 +361,24 @@ def test_a_partition_given_straight_back_keeps_its_state_without_reading_the_cha
     assert n.state(0) == before and n.state(1) == {} and n.io.paused == set()
 
 
+def test_under_the_cooperative_protocol_a_partition_that_stays_is_neither_paused_nor_restored() -> None:
+    n = Node()
+    n.assign({P0, P1})
+    n.step(0, "a", 0)
+    n.step(1, "b", 0)
+    before = n.state(0)
+    n.reader.calls.clear()
+    n.io.rebalance(n, {P0}, cooperative=True)  # P1 moves away, P0 is not revoked
+    assert not n.restorer.busy and n.io.paused == set() and n.reader.calls == []
+    assert n.state(0) == before and n.state(1) == {}
+    n.step(0, "a", 1)
+    n.io.rebalance(n, {P0, P1}, cooperative=True)  # P1 comes back: restored from its commit; P0 goes on
+    assert n.io.paused == {P1}
+    n.restore()
+    assert n.state(0)["a"][3] == 1 and n.state(1)["b"][3] == 0
+    assert n.restores("changelog") == 2 and n.restores("local") == 1  # both at first; now only P1
+
+
 def test_a_partition_given_straight_back_but_not_committed_at_revocation_is_restored_from_its_commit() -> None:
     """Its state is ahead of where consumption resumes: keeping it would apply those events twice."""
     n = Node()
@@ -486,6 +504,27 @@ def test_a_store_left_behind_its_commit_catches_up_from_the_changelog_after_it(m
     again = n.restarted()
     again.assign({P0})
     assert again.restores("local") == 1 and again.replayed("local") == 3  # a, f and c's tombstone
+    assert again.state(0) == expected == from_changelog(n.broker).state(0)
+
+
+def test_changes_of_a_checkpoint_whose_commit_failed_reach_the_store_with_the_next_one(monkeypatch) -> None:
+    """The next commit covers the failed one's offsets, and so must the store: it holds both's changes."""
+    n = served(EVENTS)
+    commit = n.io._commit
+
+    def fails_once(offsets, wait):
+        monkeypatch.setattr(n.io, "_commit", commit)
+        raise TransportError("the coordinator moved")
+
+    monkeypatch.setattr(n.io, "_commit", fails_once)
+    n.step(0, "a", 8)
+    n.checkpointer.checkpoint()  # not committed
+    n.step(0, "f", 9)
+    n.checkpointer.checkpoint()
+    expected = n.state(0)
+    again = n.restarted()
+    again.assign({P0})
+    assert again.restores("local") == 1 and again.replayed("local") == 0
     assert again.state(0) == expected == from_changelog(n.broker).state(0)
 
 

@@ -119,6 +119,7 @@ def test_the_choices_are_declared_on_the_fields_as_literal_types():
     assert not hasattr(streamlstm.config, "_CHOICES")
     assert dict(literal_keys()) == {
         "kafka.client": ("kafka-python", "confluent"),
+        "kafka.assignor": ("range", "cooperative-sticky"),
         "kafka.auto_offset_reset": ("earliest", "latest"),
         "kafka.compression_type": ("none", "gzip", "snappy", "lz4", "zstd"),
         "kafka.processing_guarantee": ("at_least_once", "exactly_once"),

@@ -123,17 +123,26 @@ class Checkpointer:
         s.sent = end
         return end == len(s.records)
 
-    def finish(self) -> Outcome:
+    def finish(self, wait: bool = True) -> Outcome:
         """Wait until the broker acknowledges everything sent so far, then commit the snapshot's offsets
-        of every partition none of whose records it refused."""
+        of every partition none of whose records it refused, and write its changes to the local stores.
+
+        `wait` False: the commit is asynchronous, as the serving loop's are (Kafka's pattern: asynchronous
+        in the loop, synchronous on revocation and stop). A synchronous one waits behind any JoinGroup on
+        the coordinator's connection, which stops every partition for the rebalance, the cooperative
+        protocol's kept ones too. If it then fails, the offsets are committed again by the next checkpoint;
+        until then the local stores are ahead of the commit, which a restore after a crash detects.
+        """
         s, self._snapshot = self._snapshot, None
         assert s is not None, "finish() after begin()"
         if not s.offsets and not s.records:
             return Outcome(set(), {})
         failed = self.io.flush()
         committed = {tp: offset for tp, offset in s.offsets.items() if tp.partition not in failed}
-        if not self.io.commit(committed):
+        if not self.io.commit(committed, wait):
             committed = {}
+            for partition in s.entries.keys() - failed.keys():  # the next commit covers them: so must the store
+                self.stores.hold(partition, s.entries[partition])
         else:
             crash_point("after-commit")
             self._store(s, committed, failed)

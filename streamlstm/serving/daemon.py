@@ -221,7 +221,7 @@ class Daemon:
                 self._reload()
                 if checkpointer.writing:
                     if checkpointer.write(max(STATE_RECORDS_PER_POLL, len(records))):
-                        self._checkpointed(checkpointer.finish())
+                        self._checkpointed(checkpointer.finish(wait=False))
                 elif time.monotonic() >= next_checkpoint:
                     self._begin_checkpoint()
                     self._report_lag(io)
@@ -305,10 +305,11 @@ class Daemon:
         self.checkpointer.on_revoked(partitions)
 
     def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        if not self.restorer.on_assigned(partitions):
+            return
         self.metrics.rebalances.inc()
         self.metrics.assigned.set(len(partitions))
         self.metrics.lag.clear()
-        self.restorer.on_assigned(partitions)
         log.info("assigned partitions %s", sorted(tp.partition for tp in partitions))
 
     def on_lost(self, partitions: set[TopicPartition]) -> None:

@@ -59,6 +59,7 @@ class Restorer:
         self._active: dict[int, _Restore] = {}
         self._reflects: dict[TopicPartition, int] = {}  # next input offset the in-memory state stands at
         self._kept: dict[TopicPartition, int] = {}
+        self._revoked: set[TopicPartition] = set()  # since the last assignment
         self._rewinding: set[TopicPartition] = set()  # to seek back to their committed offset first
         self._hold_until = 0.0  # no restore begins before this (monotonic): the rewind's backoff
         self._assignments = 0
@@ -70,6 +71,7 @@ class Restorer:
 
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         """Remember where each partition's state stands, in case the group gives it straight back."""
+        self._revoked |= partitions
         for tp in partitions:
             if self._cancel(tp):
                 continue
@@ -78,18 +80,26 @@ class Restorer:
             if stands is not None:
                 self._kept[tp] = stands
 
-    def on_assigned(self, partitions: set[TopicPartition]) -> None:
-        for tp in self.assigned - partitions:
+    def on_assigned(self, partitions: set[TopicPartition]) -> bool:
+        """`partitions` is the whole assignment. Those held and not revoked since (the cooperative protocol
+        moves only what changes owner) go on untouched; the others are restored. Returns whether this is
+        a new assignment (a transport may report the same one twice)."""
+        gone = self.assigned - partitions
+        new = partitions - (self.assigned - self._revoked)
+        for tp in gone:
             self.table.forget_shard(tp.partition)
             self._kept.pop(tp, None)
             self._rewinding.discard(tp)
-        self.stores.disown(tp.partition for tp in self.assigned - partitions)
-        self._assigned_at = dict.fromkeys(partitions, time.perf_counter())
+            self._assigned_at.pop(tp, None)
+        self.stores.disown(tp.partition for tp in gone)
+        self._assigned_at.update(dict.fromkeys(new, time.perf_counter()))
         self.assigned = set(partitions)
-        self._waiting = set(partitions)
+        self._revoked.clear()
+        self._waiting = (self._waiting & partitions) | new
         self._assignments += 1
-        self.io.pause(self._waiting)
+        self.io.pause(new)
         self.metrics.restoring.set(len(self._waiting))
+        return bool(gone or new) or self._assignments == 1
 
     def on_lost(self, partitions: set[TopicPartition]) -> None:
         """Another member owns them now: drop their state unwritten, it may be ahead of the commit."""

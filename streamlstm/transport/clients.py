@@ -73,6 +73,8 @@ class Bookkeeping(ABC):
     `_fail`), `flush`, `commit`, and the consumer calls of the Transport protocol.
     """
 
+    REVOCATION_WAITS = True  # whether a revocation's commit may wait for its answer
+
     def __init__(self, cfg: KafkaConfig) -> None:
         self.cfg = cfg
         self._done: dict[TopicPartition, int] = {}
@@ -157,6 +159,13 @@ class Bookkeeping(ABC):
     def _remember(self, offsets: Offsets) -> None:
         self._committed.update(offsets)
 
+    def _commit_failed(self, offsets: Offsets, error: object) -> None:
+        """An asynchronous commit that failed: its offsets are pending again, for the next checkpoint."""
+        log.warning("asynchronous offset commit failed (%s); retried at the next checkpoint", error)
+        for tp, offset in offsets.items():
+            if self._committed.get(tp) == offset:
+                del self._committed[tp]
+
     def forget(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
             self._done.pop(tp, None)
@@ -204,5 +213,6 @@ class Bookkeeping(ABC):
             log.warning("not committing revoked partitions %s: the broker refused their records (%r)",
                         sorted(failed), next(iter(failed.values())).error)
         pending = self.pending(self._revoked_scope(partitions))
-        self.commit({tp: offset for tp, offset in pending.items() if tp.partition not in failed}, wait=False)
+        self.commit({tp: offset for tp, offset in pending.items() if tp.partition not in failed},
+                    wait=self.REVOCATION_WAITS)
         self.forget(partitions)

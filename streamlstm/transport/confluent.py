@@ -130,6 +130,24 @@ def _headers(m: Message) -> list[Header]:
         return []
 
 
+def _assigned(rebalance: Rebalance, cooperative: bool, consumer: Consumer, partitions: list[Partition]) -> None:
+    """Assigned before the callback, which may pause them; under the cooperative protocol `partitions`
+    are only those added, and the Rebalance is told the whole assignment."""
+    if cooperative:
+        consumer.incremental_assign(partitions)
+    else:
+        consumer.assign(partitions)
+    rebalance.on_assigned(_ours(consumer.assignment()))
+
+
+def _revoked(rebalance: Rebalance, cooperative: bool, consumer: Consumer, partitions: list[Partition]) -> None:
+    """Under the cooperative protocol only the partitions that move are revoked, and no assignment of the
+    others need follow: the Rebalance is told what it is now."""
+    rebalance.on_revoked(_ours(partitions))
+    if cooperative:
+        consumer.incremental_unassign(partitions)
+        rebalance.on_assigned(_ours(consumer.assignment()))
+
 
 class ConfluentTransport(Bookkeeping):
     """One consumer in the group plus one idempotent producer, on librdkafka."""
@@ -150,14 +168,13 @@ class ConfluentTransport(Bookkeeping):
                 "client.id": cfg.client_id, "group.id": cfg.group_id, "enable.auto.commit": False,
                 "auto.offset.reset": cfg.auto_offset_reset, "session.timeout.ms": cfg.session_timeout_ms,
                 "heartbeat.interval.ms": cfg.heartbeat_interval_ms, "fetch.wait.max.ms": cfg.fetch_max_wait_ms,
-                "isolation.level": isolation_level(cfg)} | static_membership(cfg))
+                "isolation.level": isolation_level(cfg), "partition.assignment.strategy": cfg.assignor,
+                "on_commit": self._async_committed}
+                                | static_membership(cfg))
+            cooperative = cfg.assignor == "cooperative-sticky"
 
-            def assigned(consumer: Consumer, partitions: list[Partition]) -> None:
-                consumer.assign(partitions)  # before the callback, which may pause them
-                rebalance.on_assigned(_ours(partitions))
-
-            consumer.subscribe([cfg.input_topic], on_assign=assigned,
-                               on_revoke=lambda _, partitions: rebalance.on_revoked(_ours(partitions)),
+            consumer.subscribe([cfg.input_topic], on_assign=partial(_assigned, rebalance, cooperative),
+                               on_revoke=partial(_revoked, rebalance, cooperative),
                                on_lost=lambda _, partitions: rebalance.on_lost(_ours(partitions)))
         return consumer
 
@@ -229,11 +246,20 @@ class ConfluentTransport(Bookkeeping):
         return self._take_failures()
 
     def _commit(self, offsets: Offsets, wait: bool) -> None:
-        """Always synchronous: rebalance callbacks run on our thread, so a revoked partition's commit can
-        land before its next owner reads it."""
+        """Rebalance callbacks run on our thread: a revoked partition's commit waits, so it lands before
+        its next owner reads it. An asynchronous one's answer comes in a later poll (_async_committed)."""
         if offsets:
+            theirs_ = _theirs(offsets, offsets.__getitem__)
             with _kafka_errors():
-                self.consumer.commit(offsets=_theirs(offsets, offsets.__getitem__), asynchronous=False)
+                if wait:
+                    self.consumer.commit(offsets=theirs_, asynchronous=False)
+                else:
+                    self.consumer.commit(offsets=theirs_, asynchronous=True)
+
+    def _async_committed(self, error: KafkaError | None, partitions: list[Partition]) -> None:
+        failed = {TopicPartition(p.topic, p.partition): p.offset for p in partitions if error or p.error}
+        if failed:
+            self._commit_failed(failed, error or next(p.error for p in partitions if p.error))
 
     def abort(self) -> None:
         """No transactions on this client: nothing to drop."""

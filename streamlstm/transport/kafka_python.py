@@ -15,6 +15,8 @@ from typing import cast
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as KafkaPartition
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import CorruptRecordError, KafkaError
 from kafka.producer.future import RecordMetadata
 from kafka.structs import OffsetAndMetadata
@@ -92,6 +94,8 @@ def fetched_end(consumer: KafkaConsumer, tp: KafkaPartition) -> int | None:
     """
     return consumer.highwater(tp)
 
+ASSIGNORS = {"range": (RangePartitionAssignor,), "cooperative-sticky": (CooperativeStickyAssignor,)}
+
 
 def quiet_closing() -> None:
     """Called as a client closes, everything committed: kafka-python 3 may log a race on its own closing
@@ -110,6 +114,8 @@ def ours(partitions: Iterable[KafkaPartition]) -> set[TopicPartition]:
 class KafkaPythonTransport(Bookkeeping):
     """One consumer in the group plus one (transactional under exactly_once) producer."""
 
+    REVOCATION_WAITS = False  # its rebalance callbacks run on its IO thread, which answers the commit
+
     def __init__(self, cfg: KafkaConfig, rebalance: Rebalance) -> None:
         super().__init__(cfg)
         self.transactional = cfg.processing_guarantee == "exactly_once"
@@ -121,8 +127,10 @@ class KafkaPythonTransport(Bookkeeping):
                                          group_instance_id=cfg.group_instance_id or None,
                                          auto_offset_reset=cfg.auto_offset_reset,
                                          session_timeout_ms=cfg.session_timeout_ms,
-                                         heartbeat_interval_ms=cfg.heartbeat_interval_ms)
-            self.consumer.subscribe([cfg.input_topic], listener=_Listener(rebalance))
+                                         heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+                                         partition_assignment_strategy=ASSIGNORS[cfg.assignor])
+            self.consumer.subscribe([cfg.input_topic], listener=_Listener(rebalance, self.consumer,
+                                                                                   cfg.assignor == "cooperative-sticky"))
 
     def _new_producer(self) -> KafkaProducer:
         cfg = self.cfg
@@ -195,7 +203,11 @@ class KafkaPythonTransport(Bookkeeping):
             elif wait:
                 self.consumer.commit(theirs_, timeout_ms=CONSUMER_CALL_TIMEOUT_MS)
             else:
-                self.consumer.commit_async(theirs_)
+                self.consumer.commit_async(theirs_, callback=self._async_committed)
+
+    def _async_committed(self, offsets: dict[KafkaPartition, OffsetAndMetadata], result: object) -> None:
+        if isinstance(result, Exception):
+            self._commit_failed({TopicPartition(tp.topic, tp.partition): o.offset for tp, o in offsets.items()}, result)
 
     def _ensure_transaction(self) -> None:
         if not self._in_transaction:
@@ -270,14 +282,20 @@ class KafkaPythonTransport(Bookkeeping):
 
 
 class _Listener(ConsumerRebalanceListener):
-    def __init__(self, rebalance: Rebalance) -> None:
-        self.rebalance = rebalance
+    """Tells the Rebalance the whole assignment each time: under the cooperative protocol kafka-python
+    reports only the partitions added, and nothing at all when partitions were only revoked (its
+    assignment has changed already when on_partitions_revoked is called)."""
+
+    def __init__(self, rebalance: Rebalance, consumer: KafkaConsumer, cooperative: bool) -> None:
+        self.rebalance, self.consumer, self.cooperative = rebalance, consumer, cooperative
 
     def on_partitions_revoked(self, revoked: set[KafkaPartition]) -> None:
         self.rebalance.on_revoked(ours(revoked))
+        if self.cooperative:
+            self.rebalance.on_assigned(ours(self.consumer.assignment()))
 
     def on_partitions_assigned(self, assigned: set[KafkaPartition]) -> None:
-        self.rebalance.on_assigned(ours(assigned))
+        self.rebalance.on_assigned(ours(self.consumer.assignment()))
 
     def on_partitions_lost(self, lost: set[KafkaPartition]) -> None:
         self.rebalance.on_lost(ours(lost))

@@ -1,5 +1,7 @@
-"""Static group membership (kafka.group_instance_id, KIP-345): a daemon restarted within the session
-timeout gets its own partitions back and the rest of the group is not rebalanced.
+"""Rebalances that move nothing needlessly. Static group membership (kafka.group_instance_id, KIP-345):
+a daemon restarted within the session timeout gets its own partitions back and the rest of the group is
+not rebalanced. The cooperative-sticky assignor (kafka.assignor, KIP-429): when a member joins, only the
+partitions that move are revoked.
 
 Tansu holds every JoinGroup for half the session timeout, and only a member's first heartbeat counts as
 contact, so a restart needs about half the session + 3 s: longer sessions here than the 6 s of the other
@@ -8,9 +10,14 @@ tests (benchmarks/tansu_membership.py, checks 1b and 1c).
 
 from __future__ import annotations
 
+import json
+import re
+import time
+from collections import defaultdict
+
 import pytest
 import yaml
-from conftest import daemon_metric, http_get, wait_until
+from conftest import daemon_metric, http_get, read_all, wait_until
 from test_durable_state import Feeder, assert_exact, make_events, predictions_by_source, prepare
 
 from streamlstm.config import load_config
@@ -70,3 +77,56 @@ def test_a_rolling_restart_of_static_members_moves_no_partition_and_replays_no_c
             d, "streamlstm_assigned_partitions")
         assert daemon_metric(d, "streamlstm_rebalances_total") == 1, "a member was rebalanced"
     assert [d.stop() for d in group] == [0, 0, 0]
+
+
+def prediction_times(broker, topic: str) -> dict[int, list[float]]:
+    """When each prediction was produced (its record's timestamp, in seconds), by the event's partition."""
+    times: dict[int, list[float]] = defaultdict(list)
+    for record in read_all(broker, topic):
+        times[json.loads(record.value)["source"]["partition"]].append(record.timestamp / 1000)
+    return {p: sorted(t) for p, t in times.items()}
+
+
+def assigned_partitions(daemon) -> set[int]:
+    """The partitions of the daemon's last assignment, from its log."""
+    return set(map(int, re.findall(r"\d+", re.findall(r"assigned partitions \[([\d, ]*)\]", daemon.log_file.read_text())[-1])))
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_with_the_cooperative_assignor_a_member_joining_stops_only_the_partition_it_takes(
+        client, tmp_path, broker, model_dir, daemon_factory):
+    """librdkafka goes on serving the partitions that stay while the group rebalances; kafka-python revokes
+    only the partition that moves too, but its poll() returns nothing while a JoinGroup is in flight, so
+    there the partitions that stay pause for each round (benchmarks/tansu_membership.py, check 2b)."""
+    first = daemon_factory(kafka__client=client, kafka__assignor="cooperative-sticky")
+    prepare(first)
+    group = [first, first.replica(), first.replica()]
+    for d in group:
+        d.start(wait_ready=False)
+    for d in group:
+        d.wait_for(lambda d=d: http_get(d.port, "/readyz")[0] == 200, 60, "ready")
+    wait_until(lambda: sorted(daemon_metric(d, "streamlstm_assigned_partitions") for d in group) == [1, 1, 2], 60,
+               "the partitions split among the three", first.log)
+
+    events = make_events(6_000, 300, seed=8)
+    feeder = Feeder(broker.bootstrap, first.topic, events, per_second=300)
+    feeder.start()
+    wait_until(lambda: feeder.sent > 1_500, 30, "events flowing")
+    before = {i: assigned_partitions(d) for i, d in enumerate(group)}
+    fourth = first.replica().start()
+    feeder.join()
+
+    assert_exact(tmp_path, model_dir, events, predictions_by_source(broker, first.kafka["output_topic"], len(events)))
+    (moved,) = assigned_partitions(fourth)
+    for i, d in enumerate(group):
+        assert assigned_partitions(d) == before[i] - {moved}
+        assert "state kept in memory" not in d.log_file.read_text(), "a partition that stays was revoked"
+    if client == "confluent":
+        times = prediction_times(broker, first.kafka["output_topic"])
+        gap, start = max((b - a, a) for a, b in zip(times[moved], times[moved][1:]))
+        assert gap > 2, f"partition {moved} moved in {gap:.1f} s: too fast to tell"
+        for p, t in times.items():
+            during = [x for x in t if start <= x <= start + gap]
+            steps = [b - a for a, b in zip([start, *during], [*during, start + gap])]
+            assert p == moved or max(steps) < 1, f"partition {p} stopped for {max(steps):.1f} s while {moved} moved"
+    assert [d.stop() for d in [*group, fourth]] == [0, 0, 0, 0]
