@@ -5,10 +5,12 @@ What it measures, for `--keys` live keys (default 100 000) of an LSTM with `--hi
 
   1. memory: bytes of the state table's h, c and per-row arrays per live key (as allocated, and per
      row), an estimate of its Python key index, and the process RSS growth while the keys were admitted;
-  2. checkpoint: every key changed, the daemon's path (Checkpointer.begin and write, then the flush of
-     Checkpointer.finish): take_changes → changelog.encode → one producer send per record into the
-     key's partition → producer flush, i.e. every record acknowledged (acks=all). Total, µs and bytes
-     per key, and where the time goes. Repeated into a single-partition changelog for comparison;
+  2. checkpoint, once per `--client`: every key changed, the daemon's own path on the transport it opens
+     for that kafka.client: Checkpointer.begin (take_changes, changelog.encode of every changed row at
+     once), write (every record handed to the producer), finish (the flush: every record acknowledged,
+     acks=all; then the offset commit and the local stores' write handed to their writer thread, whose
+     end is timed apart: it runs beside the serving loop). Total, µs and bytes per key, and where the
+     time goes; each client writes a changelog topic of its own;
   3. local store (state/store.py): every key written into fresh per-partition stores (what a restore
      does after reading the changelog), then every key changed (a checkpoint's write after its commit),
      each timed to the writer thread's end; then a restart's restore from them: every store read and
@@ -23,8 +25,8 @@ What it measures, for `--keys` live keys (default 100 000) of an LSTM with `--hi
 Why: issue 3 asks for restore keys/s and checkpoint cost per key at 100 000 keys, H=64, 2 layers;
 issue 19 for a restore of at least 250 000 keys/s on the confluent client (at 1 000 000 keys).
 
-The table lives on the CPU (the daemon's table lives on the model's device). The producer has the
-daemon's settings (transport.clients.PRODUCER_SETTINGS) and is connected before timing,
+The table lives on the CPU (the daemon's table lives on the model's device). The transport is the
+daemon's (its producer settings, transport.clients.PRODUCER_SETTINGS) and is connected before timing,
 as a running daemon's is. The broker runs on the same machine and competes for its cores.
 
 Run from the repository root (about a minute on a 2-core VM; 3 minutes at 1 000 000 keys):
@@ -54,7 +56,6 @@ from pathlib import Path
 import kafka
 import numpy as np
 import torch
-from kafka import KafkaProducer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import crc32c_implementation, machine  # noqa: E402
@@ -66,7 +67,12 @@ from streamlstm.state import changelog  # noqa: E402
 from streamlstm.state.changelog import PartitionRestore  # noqa: E402
 from streamlstm.state.store import LocalStores, StoreMeta  # noqa: E402
 from streamlstm.state.table import StateKey, StateTable  # noqa: E402
-from streamlstm.transport import open_changelog  # noqa: E402
+from streamlstm.events import REASONS  # noqa: E402
+from streamlstm.serving.checkpoint import Checkpointer  # noqa: E402
+from streamlstm.serving.metrics import Metrics  # noqa: E402
+from streamlstm.serving.plan import Expiry  # noqa: E402
+from streamlstm.transport import open_changelog, open_transport  # noqa: E402
+from streamlstm.transport.api import TopicPartition  # noqa: E402
 from streamlstm.transport.admin import ensure_changelog, ensure_topics  # noqa: E402
 from streamlstm.transport.clients import PRODUCER_SETTINGS  # noqa: E402
 
@@ -91,19 +97,17 @@ class Memory:
 
 @dataclass
 class Checkpoint:
-    partitions: int
+    client: str
     keys: int
-    value_bytes: int
-    key_bytes: int
-    take_changes_s: float
-    encode_s: float
+    bytes: int  # state values
+    begin_s: float  # take_changes and encode
     send_s: float
-    flush_s: float
-    producer: dict[str, float]
+    finish_s: float  # flush (every record acknowledged) and commit
+    store_s: float  # the local stores' write afterwards, on their writer thread
 
     @property
     def total_s(self) -> float:
-        return self.take_changes_s + self.encode_s + self.send_s + self.flush_s
+        return self.begin_s + self.send_s + self.finish_s
 
 
 @dataclass
@@ -198,49 +202,46 @@ def measure_memory(args: argparse.Namespace) -> tuple[StateTable, list[StateKey]
 
 # --------------------------------------------------------------------------- checkpoint
 
-def make_producer(bootstrap: str, topics: list[str]) -> KafkaProducer:
-    """The daemon's producer (KafkaPythonTransport's), connected and with the topics' metadata, as in a
-    running daemon."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, client_id="bench-producer", **PRODUCER_SETTINGS)
-    for topic in topics:
-        if not producer.partitions_for(topic):
-            raise RuntimeError(f"no metadata for topic {topic}")
-    return producer
+class _Unassigned:
+    """The Rebalance of a transport that never polls: it joins no group."""
+
+    def on_revoked(self, partitions: set[TopicPartition]) -> None: ...
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None: ...
+
+    def on_lost(self, partitions: set[TopicPartition]) -> None: ...
 
 
-def producer_stats(producer: KafkaProducer) -> dict[str, float]:
-    """kafka-python's own averages (over its last ~60 s): how the sends were batched into requests."""
-    metrics = (producer.metrics() or {}).get("producer-metrics", {})
-    wanted = ("batch-size-avg", "records-per-request-avg", "request-latency-avg", "record-queue-time-avg")
-    return {name: round(float(metrics[name]), 2) for name in wanted if name in metrics}
-
-
-def checkpoint(table: StateTable, producer: KafkaProducer, topic: str, partitions: int,
-               partition_of: Callable[[int], int]) -> Checkpoint:
-    """Checkpointer's records and sends, then the transport's flush, timed phase by phase; raises if a
-    send failed."""
-    failures: list[Exception] = []
-    t0 = time.perf_counter()
-    changes = table.take_changes()
-    t1 = time.perf_counter()
-    values = changelog.encode(changes.changed, MODEL_VERSION)
-    t2 = time.perf_counter()
-    value_bytes = key_bytes = 0
-    for key, offset in changes.dropped:
-        producer.send(topic, key=changelog.changelog_key(key), value=None, partition=partition_of(key[0]),
-                      headers=changelog.tombstone_headers(offset)).add_errback(failures.append)
-    for key, value in zip(changes.changed.keys, values):
-        raw = changelog.changelog_key(key)
-        producer.send(topic, key=raw, value=value, partition=partition_of(key[0])).add_errback(failures.append)
-        value_bytes += len(value)
-        key_bytes += len(raw)
-    t3 = time.perf_counter()
-    producer.flush()
-    t4 = time.perf_counter()
-    if failures:
-        raise RuntimeError(f"the broker refused {len(failures)} changelog records, first: {failures[0]!r}")
-    return Checkpoint(partitions, len(values) + len(changes.dropped), value_bytes, key_bytes,
-                      t1 - t0, t2 - t1, t3 - t2, t4 - t3, producer_stats(producer))
+def checkpoint(cfg: KafkaConfig, table: StateTable, topic: str, directory: Path, layers: int,
+               hidden: int) -> Checkpoint:
+    """The daemon's Checkpointer on cfg.client's transport (connected first, as a running daemon's is),
+    with a local store per partition; raises if the broker refused a record."""
+    io = open_transport(cfg, _Unassigned())
+    stores = LocalStores(directory, topic)
+    try:
+        io.lag()  # connected, with the topics' metadata
+        for p in range(cfg.topic_partitions):
+            stores.establish(p, [], StoreMeta(stores.owner, layers, hidden, MODEL_VERSION, 0, 0), replace=True)
+        stores.wait()
+        metrics = Metrics(REASONS, (cfg.output_topic, cfg.dlq_topic, topic))
+        checkpointer = Checkpointer(io, table, stores, metrics, topic, Expiry(0, False), MODEL_VERSION)
+        t0 = time.perf_counter()
+        checkpointer.begin()
+        t1 = time.perf_counter()
+        checkpointer.write(None)
+        t2 = time.perf_counter()
+        outcome = checkpointer.finish()
+        t3 = time.perf_counter()
+        stores.wait()
+        t4 = time.perf_counter()
+        if outcome.failed:
+            raise RuntimeError(f"the broker refused changelog records: {outcome.failed}")
+        keys = int(metrics.registry.get_sample_value("streamlstm_checkpoint_keys_sum") or 0)
+        size = int(metrics.registry.get_sample_value("streamlstm_checkpoint_size_bytes_sum") or 0)
+    finally:
+        stores.close()
+        io.close()
+    return Checkpoint(cfg.client, keys, size, t1 - t0, t2 - t1, t3 - t2, t4 - t3)
 
 
 # --------------------------------------------------------------------------- local store
@@ -384,11 +385,10 @@ def summary(memory: Memory, checkpoints: list[Checkpoint], local: LocalStore,
                    "arrays_bytes_per_key": round(memory.allocated_bytes / n, 1),
                    "index_bytes_per_key": round(memory.index_bytes / n, 1),
                    "rss_growth_bytes_per_key": round(memory.rss_growth_bytes / n, 1)},
-        "checkpoints": [{**asdict(c), "total_s": round(c.total_s, 4),
-                         "us_per_key": round(per_key_us(c.total_s, c.keys), 2),
-                         "value_bytes_per_key": round(c.value_bytes / c.keys, 1),
-                         "key_bytes_per_key": round(c.key_bytes / c.keys, 1),
-                         "keys_per_s": round(c.keys / c.total_s)} for c in checkpoints],
+        "checkpoints": {c.client: {**asdict(c), "total_s": round(c.total_s, 4),
+                                   "us_per_key": round(per_key_us(c.total_s, c.keys), 2),
+                                   "bytes_per_key": round(c.bytes / c.keys, 1),
+                                   "keys_per_s": round(c.keys / c.total_s)} for c in checkpoints},
         "local_store": {**asdict(local), "restore_s": round(local.restore_s, 4),
                         "write_us_per_key": round(per_key_us(local.write_s, n), 2),
                         "rewrite_us_per_key": round(per_key_us(local.rewrite_s, n), 2),
@@ -410,15 +410,11 @@ def print_table(args: argparse.Namespace, memory: Memory, checkpoints: list[Chec
     print(f"  Python key index (est.)   {memory.index_bytes / n:>8.0f} B per key")
     print(f"  process RSS growth        {memory.rss_growth_bytes / n:>8.0f} B per key "
           f"({memory.rss_growth_bytes / 2**20:.1f} MiB)")
-    print("\ncheckpoint, every key changed        total s   µs/key  take+enc s   send s  flush s  B/key")
+    print(f"\ncheckpoint, every key changed, {args.partitions} partitions   total s   µs/key   begin s   send s"
+          "  finish s  B/key   local store s (writer thread)")
     for c in checkpoints:
-        label = f"{c.keys} keys -> {c.partitions} partition{'s' if c.partitions > 1 else ''}"
-        print(f"  {label:<34} {c.total_s:8.2f} {per_key_us(c.total_s, c.keys):8.1f} "
-              f"{c.take_changes_s + c.encode_s:11.2f} {c.send_s:8.2f} {c.flush_s:8.2f} "
-              f"{(c.value_bytes + c.key_bytes) / c.keys:6.0f}")
-    for c in checkpoints:
-        print(f"    {c.partitions} partition(s): take_changes {c.take_changes_s:.3f} s, encode {c.encode_s:.3f} s; "
-              f"producer {c.producer}")
+        print(f"  {c.client:<12} {c.keys:>9} keys {c.total_s:12.2f} {per_key_us(c.total_s, c.keys):8.1f} "
+              f"{c.begin_s:9.2f} {c.send_s:8.2f} {c.finish_s:9.2f} {c.bytes / c.keys:6.0f}   {c.store_s:.2f}")
     print(f"\nlocal store, {n} keys in {local.partitions} SQLite files ({local.bytes / n:.0f} B per key on disk)")
     print(f"  write all (a restore's)   {local.write_s:8.2f} s   {per_key_us(local.write_s, n):6.1f} µs/key")
     print(f"  rewrite all (checkpoint)  {local.rewrite_s:8.2f} s   {per_key_us(local.rewrite_s, n):6.1f} µs/key")
@@ -443,7 +439,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2, help="LSTM layers (default 2)")
     parser.add_argument("--partitions", type=int, default=4, help="input and changelog partitions (default 4)")
     parser.add_argument("--client", action="append", choices=CLIENTS,
-                        help="the kafka.client to restore with, repeatable (default: kafka-python, then confluent)")
+                        help="the kafka.client to checkpoint and restore with, repeatable (default: kafka-python, then confluent)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/state.json"),
                         help="JSON results (default benchmarks/results/state.json)")
     parser.add_argument("--broker-log", type=Path, help="append the Tansu broker's output to this file")
@@ -457,35 +453,32 @@ def main() -> None:
     torch.set_num_threads(1)  # the daemon's model.cpu_threads default
     started = time.perf_counter()
     table, keys, memory = measure_memory(args)
-    cut = int(table.offsets.max()) + 1  # above every offset written: every record is below the commit
     with EmbeddedBroker(log_file=args.broker_log) as broker:
         sharded = KafkaConfig(bootstrap_servers=broker.bootstrap, client_id="bench", input_topic="events",
                               topic_partitions=args.partitions)
-        single = KafkaConfig(bootstrap_servers=broker.bootstrap, client_id="bench", input_topic="events-1",
-                             topic_partitions=1)
-        topics = {"sharded": "bench-events-changelog", "single": "bench-events-1-changelog"}
-        for cfg, topic in ((sharded, topics["sharded"]), (single, topics["single"])):
-            ensure_topics(cfg)
-            ensure_changelog(cfg, topic)
-        producer = make_producer(broker.bootstrap, list(topics.values()))
-        try:
-            checkpoints = [checkpoint(table, producer, topics["sharded"], args.partitions, lambda shard: shard)]
-            with tempfile.TemporaryDirectory(prefix="state-bench-") as directory:
-                restored_table, local = local_store(table, keys, args.partitions, cut, Path(directory), args.layers,
-                                                    args.hidden)
+        ensure_topics(sharded)
+        checkpoints = []
+        with tempfile.TemporaryDirectory(prefix="state-bench-") as directory:
+            for client in args.client:  # the last one's changelog is what the restores read
+                topic = f"bench-{client}-changelog"
+                ensure_changelog(sharded, topic)
+                if checkpoints:
+                    touch_all(table, keys)
+                checkpoints.append(checkpoint(replace(sharded, client=client), table, topic, Path(directory),
+                                              args.layers, args.hidden))
+        cut = int(table.offsets.max()) + 1
+        with tempfile.TemporaryDirectory(prefix="state-bench-") as directory:
+            restored_table, local = local_store(table, keys, args.partitions, cut, Path(directory), args.layers,
+                                                args.hidden)
+        verify(table, restored_table, keys)
+        del restored_table
+        restores = []
+        for client in args.client:
+            restored_table, restored = restore(replace(sharded, client=client), topic, args.partitions, cut,
+                                               args.layers, args.hidden)
             verify(table, restored_table, keys)
+            restores.append(restored)
             del restored_table
-            restores = []
-            for client in args.client:
-                restored_table, restored = restore(replace(sharded, client=client), topics["sharded"],
-                                                   args.partitions, cut, args.layers, args.hidden)
-                verify(table, restored_table, keys)
-                restores.append(restored)
-                del restored_table
-            touch_all(table, keys)
-            checkpoints.append(checkpoint(table, producer, topics["single"], 1, lambda shard: 0))
-        finally:
-            producer.close()
     print_table(args, memory, checkpoints, local, restores)
     print(f"\nwhole run {time.perf_counter() - started:.0f} s; broker: {BROKER}")
     report = {

@@ -23,6 +23,9 @@ producer writing one record to every partition each 50 ms for the whole run, and
      (a) A and B consume, C joins: only moved partitions are revoked, kept ones never are;
      (b) A and B keep receiving their kept partitions during that rebalance: the largest receive gap
          of a kept partition, against the same scale-out with the eager range assignor;
+     (c) ck only: (b) while A and B commit the offsets they consumed (explicitly, only of partitions
+         assigned to them) every 200 ms, with commit(asynchronous=False) and then asynchronous=True:
+         the longest synchronous commit and the largest receive gap of a kept partition with each;
   3. (a) static members with the cooperative-sticky assignor (what a streamlstm pod would combine),
          A restarted as in 1c, 15 s session timeout;
      (b) ck only: the KIP-848 consumer protocol (group.protocol=consumer); kafka-python 3 has no
@@ -31,7 +34,7 @@ producer writing one record to every partition each 50 ms for the whole run, and
 Each check prints one line "PASS|FAIL <client> <check>: <what was seen>": callbacks with their
 partitions and times (seconds since the run started), the error code names the broker answered,
 receive gaps. A check that fails does not stop the run; each runs under a time limit. The two clients
-run side by side (separate groups on the same broker) so the run takes about two and a half minutes;
+run side by side (separate groups on the same broker) so the run takes about three minutes;
 the exit code is always 0 (the lines are the result).
 
 Run from the repository root:
@@ -54,7 +57,11 @@ session expires (1b fails; 1a passes or fails by a hair); at 15 s static members
 clients (1c, 3a). Tansu never answers FENCED_INSTANCE_ID: two live members with one
 instance id share its partitions (1d). Cooperative-sticky revokes only what moves with both clients
 (2a), but kafka-python's poll() returns no records while its JoinGroup is in flight, so its kept
-partitions stall for each round (2b); librdkafka's keep flowing. No KIP-848 (3b).
+partitions stall for each round (2b); librdkafka's keep flowing, but only while the consumer loop
+commits asynchronously: a synchronous commit sent during a JoinGroup goes out on the coordinator
+connection behind it and is answered only with the JoinGroup (in order), so it blocks ~3 s and the
+kept partitions pause ~3 s with it, against ~0.2 s with asynchronous commits (2c; why streamlstm's
+serving loop commits asynchronously). No KIP-848 (3b).
 """
 
 from __future__ import annotations
@@ -89,6 +96,7 @@ PARTITIONS = 4
 SESSION_MS = 6000             # the short session timeout (checks 1a, 1b, 2)
 LONG_SESSION_MS = 15000       # the one that leaves room for Tansu's static-member pauses (1c, 1d, 3a)
 HEARTBEAT_MS = 1000
+COMMIT_INTERVAL_S = 0.2       # how often the committing members of check 2c commit what they consumed
 PRODUCE_INTERVAL_S = 0.05     # one record to every partition this often, for the whole run
 SETTLE_S = 2.5                # a group is "stable" once no callback has fired for this long
 JOIN_TIMEOUT_S = 30.0
@@ -153,9 +161,10 @@ class Exchange:
 @dataclass
 class Observed:
     callbacks: list[Callback] = field(default_factory=list)
-    receives: dict[int, list[float]] = field(default_factory=dict)   # partition -> receive times
+    receives: dict[int, list[float]] = field(default_factory=dict)      # partition -> receive times
     exchanges: list[Exchange] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)                  # exceptions, error callbacks
+    errors: list[str] = field(default_factory=list)                     # exceptions, error callbacks
+    commits: list[tuple[float, float]] = field(default_factory=list)    # (called, seconds) per commit()
     assignment: frozenset[int] = frozenset()
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -166,6 +175,14 @@ class Observed:
     def received(self, partition: int, t: float) -> None:
         with self.lock:
             self.receives.setdefault(partition, []).append(t)
+
+    def committed(self, called: float, seconds: float) -> None:
+        with self.lock:
+            self.commits.append((called, seconds))
+
+    def commits_between(self, start: float, end: float) -> list[tuple[float, float]]:
+        with self.lock:
+            return [(t, s) for t, s in self.commits if start <= t <= end]
 
     def exchange(self, api: str, version: int | None, error: str, sent: float | None = None) -> None:
         with self.lock:
@@ -407,6 +424,7 @@ class CkMember(Member):
     """confluent-kafka (librdkafka). close() skips LeaveGroup for a static member (KIP-345)."""
 
     group_protocol = "classic"    # "consumer" = KIP-848, where the classic group settings are refused
+    commit: str | None = None     # "sync" / "async": commit what was consumed every COMMIT_INTERVAL_S
 
     def _open(self) -> confluent_kafka.Consumer:
         self.log = _CkLog(self.seen)
@@ -434,6 +452,8 @@ class CkMember(Member):
             on_assign=lambda c, ps: seen.callback("assigned", (p.partition for p in ps)),
             on_revoke=lambda c, ps: seen.callback("revoked", (p.partition for p in ps)),
             on_lost=lambda c, ps: seen.callback("lost", (p.partition for p in ps)))
+        self._positions: dict[int, int] = {}      # partition -> offset after the last record consumed
+        self._last_commit = now()
         return consumer
 
     def _poll(self, consumer: confluent_kafka.Consumer) -> None:
@@ -443,7 +463,27 @@ class CkMember(Member):
                 self.seen.errors.append(f"{now():.1f}s message error: {msg.error()}")
             else:
                 self.seen.received(partition, now())
+                if (offset := msg.offset()) is not None:
+                    self._positions[partition] = offset + 1
         self.seen.assignment = frozenset(tp.partition for tp in consumer.assignment())
+        if self.commit is not None and now() - self._last_commit >= COMMIT_INTERVAL_S:
+            self._commit(consumer)
+
+    def _commit(self, consumer: confluent_kafka.Consumer) -> None:
+        """Commit the consumed offsets of the partitions assigned now, explicitly; times the call."""
+        offsets = [confluent_kafka.TopicPartition(self.topic, p, offset)
+                   for p, offset in self._positions.items() if p in self.seen.assignment]
+        if offsets:
+            called = now()
+            try:
+                if self.commit == "async":
+                    consumer.commit(offsets=offsets, asynchronous=True)
+                else:
+                    consumer.commit(offsets=offsets, asynchronous=False)
+            except confluent_kafka.KafkaException as exc:
+                self.seen.errors.append(f"{called:.1f}s commit: {exc}")
+            self.seen.committed(called, now() - called)
+        self._last_commit = now()
 
     def _close(self, consumer: confluent_kafka.Consumer) -> None:
         consumer.close()
@@ -554,9 +594,13 @@ class Context:
         return f"{name}-{self.client}-{RUN_ID}"
 
     def member(self, group: str, name: str, instance_id: str | None, strategy: str = "range",
-               session_ms: int = SESSION_MS) -> Member:
+               session_ms: int = SESSION_MS, commit: str | None = None) -> Member:
+        """A started member; `commit` ("sync" / "async", ck only) makes it commit as in 2c."""
         m = MEMBERS[self.client](self.bootstrap, self.topic, group, name, instance_id, strategy,
                                  session_ms)
+        if commit is not None:
+            assert isinstance(m, CkMember), "committing members are ck only"
+            m.commit = commit
         self.members.append(m)
         return m.start()
 
@@ -712,13 +756,14 @@ def check_static_fencing(ctx: Context) -> str:
     return detail
 
 
-def _scale_out(ctx: Context, strategy: str) -> tuple[list[Member], dict[str, frozenset[int]], float,
-                                                       float, str]:
-    """A and B consume; C joins. Returns the members, A's and B's partitions before, when C started,
-    when the rebalance ended (last callback), and what happened."""
-    group = ctx.group(f"scale-{strategy}")
-    a = ctx.member(group, "A", None, strategy)
-    b = ctx.member(group, "B", None, strategy)
+def _scale_out(ctx: Context, strategy: str, commit: str | None = None
+               ) -> tuple[list[Member], dict[str, frozenset[int]], float, float, str]:
+    """A and B consume (committing as `commit` says, see Context.member); C joins. Returns the
+    members, A's and B's partitions before, when C started, when the rebalance ended (last
+    callback), and what happened."""
+    group = ctx.group(f"scale-{strategy}" + (f"-{commit}-commit" if commit else ""))
+    a = ctx.member(group, "A", None, strategy, commit=commit)
+    b = ctx.member(group, "B", None, strategy, commit=commit)
     wait_stable([a, b])
     before = {"A": a.assignment, "B": b.assignment}
     t_join = now()
@@ -769,6 +814,29 @@ def check_cooperative_flow(ctx: Context) -> str:
     return detail
 
 
+def check_cooperative_commits(ctx: Context) -> str:
+    """2c (ck): 2b while A and B commit what they consumed, synchronously and then asynchronously."""
+    results: dict[str, tuple[float, dict[str, float], str]] = {}
+    for mode in ("sync", "async"):
+        members, before, t_join, end, text = _scale_out(ctx, "cooperative-sticky", commit=mode)
+        commits = {m.name: m.seen.commits_between(t_join, end) for m in members[:2]}
+        slow = {name: " ".join(f"{s:.1f}s@{t:.1f}" for t, s in calls if s > 0.5) or "none"
+                for name, calls in commits.items()}
+        longest = max((s for calls in commits.values() for _, s in calls), default=0.0)
+        results[mode] = (longest, _kept_gaps(members, before, t_join, end),
+                      f"commit() calls over 0.5 s {slow}; {text}")
+        for m in members:                     # closed, but kept in ctx.members for --verbose
+            m.close(timeout_s=8)
+    (sync_commit, sync_gaps, sync_text), (async_commit, async_gaps, async_text) = results.values()
+    detail = (f"kept partitions keep flowing only with asynchronous commits: sync commit max "
+              f"{sync_commit:.2f} s, kept gap {max(sync_gaps.values()):.2f} s; async kept gap "
+              f"{max(async_gaps.values()):.2f} s (commits every {COMMIT_INTERVAL_S:.1f}s, from C's "
+              f"start to the last callback; async commit() max {async_commit:.3f} s) || sync: "
+              f"{gaps_text(sync_gaps)}; {sync_text} || async: {gaps_text(async_gaps)}; {async_text}")
+    expect(max(async_gaps.values()) < 1.0, detail)
+    return detail
+
+
 def check_static_cooperative(ctx: Context) -> str:
     """3a: static members with cooperative-sticky, 15 s session: restart of A as in 1c."""
     group = ctx.group("static-coop")
@@ -805,10 +873,15 @@ CHECKS: list[tuple[str, str, Callable[[Context], str], bool]] = [
     ("2a", "cooperative-sticky: only moved partitions revoked", check_cooperative, False),
     ("2b", "cooperative-sticky: kept partitions keep flowing during the rebalance",
      check_cooperative_flow, False),
+    ("2c", "cooperative-sticky: kept partitions during the rebalance, sync vs async commits",
+     check_cooperative_commits, False),
     ("3a", "static + cooperative-sticky, 15 s session: restart, B not rebalanced",
      check_static_cooperative, False),
     ("3b", "KIP-848 group.protocol=consumer", check_kip848, False),
 ]
+
+
+CK_ONLY = {"2c", "3b"}         # checks the kafka-python client has nothing for
 
 
 # --------------------------------------------------------------------------- main
@@ -816,7 +889,7 @@ CHECKS: list[tuple[str, str, Callable[[Context], str], bool]] = [
 def run_client(client: str, bootstrap: str, topic: str, only: set[str], verbose: bool) -> None:
     ctx = Context(client, bootstrap, topic, verbose)
     for check_id, title, fn, keep in CHECKS:
-        if (only and check_id not in only) or (check_id == "3b" and client != "ck"):
+        if (only and check_id not in only) or (check_id in CK_ONLY and client != "ck"):
             continue
         run_check(ctx, f"{check_id} {title}", fn, keep)
     ctx.close_all()

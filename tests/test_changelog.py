@@ -34,6 +34,7 @@ def test_a_record_holds_h_c_steps_offset_time_and_model_version_in_a_documented_
     assert incompatible == 0 and state.keys == rows.keys
     for name in ("h", "c", "steps", "offsets", "times"):
         assert np.array_equal(getattr(state, name), getattr(rows, name)), name
+    assert changelog.encode(rows_of([], []), "v") == []  # a checkpoint of tombstones only
 
 
 def test_restore_keeps_per_key_the_latest_record_below_the_committed_offset():

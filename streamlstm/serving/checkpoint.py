@@ -25,7 +25,7 @@ from typing import NamedTuple
 from ..state import changelog
 from ..state.store import Entry, LocalStores
 from ..state.table import StateTable
-from ..transport.api import Failure, Offsets, TopicPartition, Transport
+from ..transport.api import Failure, Offsets, StateRecord, TopicPartition, Transport
 from ..faults import crash_point
 from .metrics import Metrics
 from .plan import Expiry
@@ -33,7 +33,6 @@ from .plan import Expiry
 log = logging.getLogger(__name__)
 
 
-StateRecord = tuple[int, bytes, bytes | None, list[tuple[str, bytes]] | None]  # partition, key, value, headers
 
 
 class Outcome(NamedTuple):
@@ -101,15 +100,14 @@ class Checkpointer:
         """The changelog records of the table's changes, tombstones first (a key dropped and seen again
         has both, in that order), the same per partition for the local stores, and their bytes."""
         changes = self.table.take_changes()
-        key_of = changelog.changelog_key
-        records: list[StateRecord] = [(key[0], key_of(key), None, changelog.tombstone_headers(offset))
-                                      for key, offset in changes.dropped]
         values = changelog.encode(changes.changed, self.model_version)
-        records += [(key[0], key_of(key), value, None) for key, value in zip(changes.changed.keys, values)]
+        changed: list[tuple[int, str, bytes | None, list[tuple[str, bytes]] | None]] = [
+            (partition, key, None, changelog.tombstone_headers(offset)) for (partition, key), offset in changes.dropped]
+        changed += [(partition, key, value, None) for (partition, key), value in zip(changes.changed.keys, values)]
+        records: list[StateRecord] = [(partition, key.encode(), value, headers)  # keyed by the event key, UTF-8
+                                      for partition, key, value, headers in changed]
         entries: dict[int, list[Entry]] = {}
-        for (partition, key), _ in changes.dropped:
-            entries.setdefault(partition, []).append((key, None))
-        for (partition, key), value in zip(changes.changed.keys, values):
+        for partition, key, value, _ in changed:
             entries.setdefault(partition, []).append((key, value))
         return records, entries, sum(map(len, values))
 
@@ -118,8 +116,7 @@ class Checkpointer:
         s = self._snapshot
         assert s is not None, "write() after begin()"
         end = len(s.records) if budget is None else min(len(s.records), s.sent + budget)
-        for record in s.records[s.sent:end]:
-            self.io.send_state(self.topic, *record)
+        self.io.send_states(self.topic, s.records[s.sent:end])
         s.sent = end
         return end == len(s.records)
 
@@ -171,8 +168,7 @@ class Checkpointer:
             self.write(None)
             self.forget(partitions)
         records, entries, _ = self._records()
-        for record in records:
-            self.io.send_state(self.topic, *record)
+        self.io.send_states(self.topic, records)
         for partition, changes in entries.items():
             self.stores.hold(partition, changes)
         self.io.commit_revoked(partitions)

@@ -247,7 +247,7 @@ class Restorer:
         self.stores.establish(partition, fold.entries(), StoreMeta(self.stores.owner, layers, hidden, self.version,
                                                                    fold.cut, fold.next_offset),
                               replace=fold.owner is None)
-        self.io.send_state(self.changelog_topic, partition, OWNER_KEY, owner_marker(self.stores.owner))
+        self.io.send_states(self.changelog_topic, [(partition, OWNER_KEY, owner_marker(self.stores.owner), None)])
         tp = TopicPartition(self.input_topic, partition)
         self._reflects[tp] = fold.cut
         self._resume(tp)

@@ -8,6 +8,7 @@ that library's types and errors into these. A type checker holds both back-ends 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from ..errors import UsageError
@@ -22,6 +23,7 @@ class TopicPartition(NamedTuple):
 
 Header = tuple[str, bytes | None]  # Kafka allows a null header value
 Offsets = dict[TopicPartition, int]  # the next offset to consume, per partition: what a commit records
+StateRecord = tuple[int, bytes, bytes | None, list[tuple[str, bytes]] | None]  # partition, key, value, headers
 
 
 class Record(NamedTuple):
@@ -94,9 +96,8 @@ class Transport(Protocol):
         """`record` as it came, with why and where from in headers of ours."""
         ...
 
-    def send_state(self, topic: str, partition: int, key: bytes, value: bytes | None,
-                   headers: list[tuple[str, bytes]] | None = None) -> None:
-        """A changelog record, into the partition that matches the key's input partition."""
+    def send_states(self, topic: str, records: Sequence[StateRecord]) -> None:
+        """Changelog records, each into the partition that matches its key's input partition."""
         ...
 
     def state_end(self, partition: int) -> int | None:

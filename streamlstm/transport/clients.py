@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 from ..config import KafkaConfig
-from .api import Failure, Header, Offsets, Record, TopicPartition, TransportError
+from .api import Failure, Header, Offsets, Record, StateRecord, TopicPartition, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +99,18 @@ class Bookkeeping(ABC):
         return self._state_ends.get(partition)
 
     def _send(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
-              headers: list[tuple[str, bytes]] | None = None, offset: int | None = None, state: bool = False) -> None:
+              headers: list[tuple[str, bytes]] | None = None, offset: int | None = None) -> None:
         """Never raises: a refusal, now or after the producer's retries, fails the source partition.
 
         A failed partition's records after the failed one are not even sent: it will be redone from its
-        last commit. `offset` is the source record's (None: a state record, after everything): a poll's
-        dead letters go out before its predictions, so the predictions of the events before a refused
-        dead letter are still sent.
+        last commit. `offset` is the source record's: a poll's dead letters go out before its predictions,
+        so the predictions of the events before a refused dead letter are still sent.
         """
         failure = self._failed.get(source)
         if failure is not None and (offset is None or failure.offset is None or offset > failure.offset):
             return
         try:
-            self._produce(source, topic, key, value, partition, headers, state)
+            self._produce(source, topic, key, value, partition, headers, False)
         except TransportError as exc:
             self._fail(source, topic, exc, offset)
 
@@ -136,9 +136,17 @@ class Bookkeeping(ABC):
         self._send(record.partition, self.cfg.dlq_topic, key=record.key, value=record.value,
                    headers=dead_letter_headers(record, reason, detail), offset=record.offset)
 
-    def send_state(self, topic: str, partition: int, key: bytes, value: bytes | None,
-                   headers: list[tuple[str, bytes]] | None = None) -> None:
-        self._send(partition, topic, key=key, value=value, partition=partition, headers=headers, state=True)
+    def send_states(self, topic: str, records: Sequence[StateRecord]) -> None:
+        """A checkpoint's thousands at a time, each handed to the producer with nothing else per record;
+        a failed partition's are not sent (it will be redone from its last commit)."""
+        produce, failed = self._produce, self._failed
+        for partition, key, value, headers in records:
+            if partition in failed:
+                continue
+            try:
+                produce(partition, topic, key, value, partition, headers, True)
+            except TransportError as exc:
+                self._fail(partition, topic, exc)
 
     def mark_done(self, records: list[Record]) -> None:
         """A partition's last record counts."""
