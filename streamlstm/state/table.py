@@ -87,9 +87,15 @@ class StateTable:
         return self._h, self._c
 
     def _allocate(self, num_layers: int, hidden_size: int, kept: int = 0) -> None:
-        """New zeroed h and c for the capacity and the scratch row; the first `kept` rows are copied over."""
-        h = torch.zeros(num_layers, len(self._keys) + 1, hidden_size, device=self.device)
-        c = torch.zeros_like(h)
+        """New zeroed h and c for the capacity and the scratch row; the first `kept` rows are copied over.
+
+        On the CPU from calloc (numpy's zeros): the pages are the kernel's zero pages until written, so a
+        million keys' gigabyte is not written twice (zeroed, then loaded)."""
+        shape = (num_layers, len(self._keys) + 1, hidden_size)
+        if self.device.type == "cpu":
+            h, c = (torch.from_numpy(np.zeros(shape, np.float32)) for _ in range(2))
+        else:
+            h, c = (torch.zeros(shape, device=self.device) for _ in range(2))
         if kept:
             h[:, :kept] = self._h[:, :kept]
             c[:, :kept] = self._c[:, :kept]
@@ -118,6 +124,21 @@ class StateTable:
         if new:
             self._clear(new)
         return torch.from_numpy(np.array(out, dtype=np.int64))  # 3x faster than torch.tensor(list)
+
+    def _admit_all(self, keys: Sequence[StateKey]) -> torch.Tensor:
+        """Rows for keys about to be overwritten whole (a restore's): those of keys not held are taken
+        from the free list in bulk and not cleared."""
+        held = self._rows
+        if any(key in held for key in keys):
+            return self.rows(keys)
+        taken = self._free[len(self._free) - len(keys):][::-1]
+        del self._free[len(self._free) - len(keys):]
+        held.update(zip(keys, taken))
+        for row, key in zip(taken, keys):
+            self._keys[row] = key
+        index = np.array(taken, dtype=np.int64)
+        self.shards[index] = [key[0] for key in keys]
+        return torch.from_numpy(index)
 
     def _admit(self, key: StateKey) -> int:
         if not self._free:
@@ -255,8 +276,8 @@ class StateTable:
         """Install restored keys, replacing whatever the table held for them; they count as unchanged."""
         needed = len(self._rows) + len(state.keys)
         if needed > len(self._keys):
-            self._grow(needed)
-        rows = self.rows(state.keys)
+            self._grow(max(needed, 2 * len(self._keys)))  # a restore loads partition after partition
+        rows = self._admit_all(state.keys)
         idx = rows.to(self.device)
         self._h.index_copy_(1, idx, torch.from_numpy(state.h).to(self.device))
         self._c.index_copy_(1, idx, torch.from_numpy(state.c).to(self.device))
