@@ -228,6 +228,9 @@ def test_state_exported_and_loaded_is_unaffected_by_the_scratch_row():
     assert again.keys == keys and np.array_equal(again.h, h.numpy()) and np.array_equal(again.c, c.numpy())
     assert again.steps.tolist() == [1] * 5 and again.offsets.tolist() == list(range(5))
     assert torch.isfinite(other.h).all() and torch.isfinite(other.c).all()
+    table.scatter(table.rows(keys[1:3]), torch.zeros(2, 2, 3), torch.zeros(2, 2, 3))
+    other.load(table.export([table.row(k) for k in keys[1:3]]))  # two keys it holds: replaced, not added
+    assert len(other) == 5 and not other.export([other.row(keys[1])]).h.any()
 
 
 def test_the_eager_step_never_reads_the_scratch_row(model_dir):
