@@ -22,8 +22,8 @@ otherwise (5 s checkpoints):
 
 Events/s is the count of predictions over the span of their timestamps (first to last), so start-up
 and the group join are left out; every prediction is counted, a shortfall fails the run. The daemon's
-own checkpoint figures come from its metrics: state records per checkpoint, and checkpoint time
-(begin to the commit, the flush of every record included) per state record.
+own checkpoint figures come from its metrics once the backlog is drained: state records written, and
+checkpoint time (begin to the commit, the flush of every record included) per state record.
 
 Run from the repository root (about 15 minutes on 2 cores for both clients):
 
@@ -65,7 +65,7 @@ def key_order(events: int, keys: int, seed: int) -> np.ndarray:
     """Uniform keys when there are fewer keys than events / 2; otherwise every key once, shuffled, and
     again (as many rounds as the events allow)."""
     rng = np.random.default_rng(seed)
-    if keys * 2 > events:
+    if keys * 2 >= events:
         return np.concatenate([rng.permutation(keys) for _ in range(-(-events // keys))])[:events]
     return rng.integers(0, keys, events)
 
