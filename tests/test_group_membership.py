@@ -23,7 +23,7 @@ from test_durable_state import Feeder, assert_exact, make_events, predictions_by
 from streamlstm.config import load_config
 from streamlstm.serving.supervisor import worker_config
 
-SESSION_MS = 24_000  # a restart: half of it in JoinGroup, 3 s in SyncGroup, a heartbeat, ~4 s to start
+SESSION_MS = 32_000  # a restart: half of it in JoinGroup, 3 s in SyncGroup, a heartbeat, 4-10 s to start (a busy machine)
 
 
 def test_each_worker_is_a_static_member_of_its_own():
@@ -128,5 +128,6 @@ def test_with_the_cooperative_assignor_a_member_joining_stops_only_the_partition
         for p, t in times.items():
             during = [x for x in t if start <= x <= start + gap]
             steps = [b - a for a, b in zip([start, *during], [*during, start + gap])]
-            assert p == moved or max(steps) < 1, f"partition {p} stopped for {max(steps):.1f} s while {moved} moved"
+            # eager, or with synchronous commits, every partition stops for a JoinGroup's 3 s at least
+            assert p == moved or max(steps) < 2, f"partition {p} stopped for {max(steps):.1f} s while {moved} moved"
     assert [d.stop() for d in [*group, fourth]] == [0, 0, 0, 0]
