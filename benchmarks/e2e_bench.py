@@ -137,8 +137,8 @@ class Outputs:
         self.consumer.assign([Partition(topic, p, OFFSET_BEGINNING) for p in partitions])
 
     def _poll(self, most: int, timeout_s: float) -> list[Output]:
-        return [Output(m.timestamp()[1], m.value(), m.headers()) for m in consume_available(self.consumer, most, timeout_s)
-                if m.error() is None]
+        messages = consume_available(self.consumer, min(most, 100_000), timeout_s)  # librdkafka's limit is 1M
+        return [Output(m.timestamp()[1], m.value(), m.headers()) for m in messages if m.error() is None]
 
     def read(self, count: int, on_batch=lambda records: None) -> list[Output]:
         """The next `count` records; `on_batch` sees each poll's records as they arrive."""

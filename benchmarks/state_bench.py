@@ -462,10 +462,10 @@ def main() -> None:
         ensure_topics(sharded)
         checkpoints = []
         with tempfile.TemporaryDirectory(prefix="state-bench-") as directory:
-            for client in args.client:  # the last one's changelog is what the restores read
-                topic = f"bench-{client}-changelog"
-                ensure_changelog(sharded, topic)
-                for _ in ("first", "steady"):
+            for client in args.client:  # the last one's steady changelog is what the restores read
+                for run in ("first", "steady"):
+                    topic = f"bench-{client}-{run}-changelog"  # one record per key in each
+                    ensure_changelog(sharded, topic)
                     if checkpoints:
                         touch_all(table, keys)
                     checkpoints.append(checkpoint(replace(sharded, client=client), table, topic, Path(directory),

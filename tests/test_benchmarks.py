@@ -50,3 +50,13 @@ def test_state_reports_memory_checkpoint_cost_and_a_verified_restore(tmp_path):
     assert set(report["checkpoints"]) == {"kafka-python", "confluent"}
     assert all(c["keys"] == 2000 and c["us_per_key"] > 0 for c in report["checkpoints"].values())
     assert report["restore"]["keys"] == 2000 and report["restore"]["keys_per_s"] > 0
+
+
+def test_scale_reports_throughput_by_key_count_and_both_restores(tmp_path):
+    report = run_benchmark("scale_bench.py", tmp_path / "scale.json", "--client", "confluent", "--keys", "2000",
+                           "--few-keys", "200", "--events", "4000", "--hidden", "8")
+    figures = report["clients"]["confluent"]
+    assert figures["few_keys"]["events"] == figures["many_keys"]["events"] == 4000 and figures["many_over_few"] > 0
+    assert figures["restart_same_state_dir"]["keys_from_local"] == 2000  # every key, nothing from the changelog
+    assert figures["restart_same_state_dir"]["keys_from_changelog"] == 0
+    assert figures["new_owner"]["keys_from_changelog"] == 2000 and figures["new_owner"]["assigned_to_ready_s"] > 0
