@@ -349,25 +349,25 @@ def test_a_tombstone_below_the_cut_removes_the_key() -> None:
     assert list(new.state(0)) == ["b"] and new.state(0) == old.state(0)
 
 
-def test_a_partition_given_straight_back_keeps_its_state_without_reading_the_changelog() -> None:
+def serving_a_and_b() -> tuple[Node, dict[str, KeyState]]:
+    """A node serving key a on P0 and b on P1, and a's state; the reader's calls so far forgotten."""
     n = Node()
     n.assign({P0, P1})
     n.step(0, "a", 0)
     n.step(1, "b", 0)
-    before = n.state(0)
     n.reader.calls.clear()
+    return n, n.state(0)
+
+
+def test_a_partition_given_straight_back_keeps_its_state_without_reading_the_changelog() -> None:
+    n, before = serving_a_and_b()
     n.assign({P0})  # P0 comes back at the offset its state stands at; P1 goes elsewhere
     assert n.reader.calls == []
     assert n.state(0) == before and n.state(1) == {} and n.io.paused == set()
 
 
 def test_under_the_cooperative_protocol_a_partition_that_stays_is_neither_paused_nor_restored() -> None:
-    n = Node()
-    n.assign({P0, P1})
-    n.step(0, "a", 0)
-    n.step(1, "b", 0)
-    before = n.state(0)
-    n.reader.calls.clear()
+    n, before = serving_a_and_b()
     n.io.rebalance(n, {P0}, cooperative=True)  # P1 moves away, P0 is not revoked
     assert not n.restorer.busy and n.io.paused == set() and n.reader.calls == []
     assert n.state(0) == before and n.state(1) == {}
