@@ -25,7 +25,7 @@ from streamlstm.serving.metrics import Metrics
 from streamlstm.serving.plan import Expiry
 from streamlstm.serving.restore import Restorer
 from streamlstm.state import changelog
-from streamlstm.state.store import LocalStores
+from streamlstm.state.store import LocalStores, PartitionStore, StoreMeta
 from streamlstm.state.table import StateTable
 from streamlstm.transport.api import (
     ChangelogSource,
@@ -555,6 +555,14 @@ def overwrite_the_header(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[:100] = bytes(100)
     path.write_bytes(bytes(data))
+
+def test_a_local_store_write_keeps_each_keys_last_entry_whatever_their_order(tmp_path) -> None:
+    """Changes held at a revocation come before the next checkpoint's: a key changed then dropped is gone."""
+    store = PartitionStore(tmp_path / "p0.sqlite")
+    meta = StoreMeta("owner", 2, 3, "v1", 10, 20)
+    store.write([("a", b"a1"), ("b", b"b1"), ("a", None), ("c", None), ("c", b"c1"), ("b", b"b2")], meta, replace=True)
+    stored = store.read()
+    assert stored is not None and dict(zip(stored.keys, stored.values)) == {"b": b"b2", "c": b"c1"}
 
 
 @pytest.mark.parametrize("damage", [flip_a_stored_value, truncate, overwrite_the_header])
