@@ -146,7 +146,11 @@ def _revoked(rebalance: Rebalance, cooperative: bool, consumer: Consumer, partit
     rebalance.on_revoked(_ours(partitions))
     if cooperative:
         consumer.incremental_unassign(partitions)
-        rebalance.on_assigned(_ours(consumer.assignment()))
+        try:
+            remaining = consumer.assignment()
+        except KafkaException:  # closing: the handle is being destroyed, and nothing stays assigned
+            remaining = []
+        rebalance.on_assigned(_ours(remaining))
 
 
 class ConfluentTransport(Bookkeeping):

@@ -10,7 +10,7 @@ import time
 from kafka import TopicPartition as KafkaPartition
 
 from ..config import KafkaConfig
-from .api import Record, TopicError
+from .api import Record, TopicError, TransportError
 from .clients import CONSUMER_CALL_TIMEOUT_MS, UNREADABLE_CHANGELOG
 from .kafka_python import (
     fetched_end,
@@ -28,7 +28,7 @@ class ChangelogReader:
     """
 
     def __init__(self, cfg: KafkaConfig, topic: str) -> None:
-        self.topic = topic
+        self.cfg, self.topic = cfg, topic
         self.consumer = new_consumer(cfg, "-restore", auto_offset_reset="earliest")
 
     def start(self, partitions: dict[int, int]) -> None:
@@ -43,8 +43,22 @@ class ChangelogReader:
             return self.consumer.beginning_offsets([tp], timeout_ms=CONSUMER_CALL_TIMEOUT_MS)[tp]
 
     def stop(self, partitions: set[int]) -> None:
-        tps = {KafkaPartition(self.topic, p) for p in partitions}
-        self.consumer.assign(sorted(self.consumer.assignment() - tps))
+        """The last partition stopped, the consumer is replaced: a fetch answered after that stays queued in
+        it (nothing polls it), and would later be taken for the end of a partition restarted at the same
+        offset, ending that restore at a stale end (seen: a returning partition restored without the
+        records another owner wrote meanwhile)."""
+        remaining = sorted(self.consumer.assignment() - {KafkaPartition(self.topic, p) for p in partitions})
+        if not remaining:
+            try:
+                with translated():
+                    fresh = new_consumer(self.cfg, "-restore", auto_offset_reset="earliest")
+            except TransportError:  # no broker now: keep this one rather than have none
+                pass
+            else:
+                self.close()
+                self.consumer = fresh
+                return
+        self.consumer.assign(remaining)
 
     def poll(self, timeout_ms: int) -> list[Record]:
         if not self.consumer.assignment():
