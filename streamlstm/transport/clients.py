@@ -98,19 +98,21 @@ class Bookkeeping(ABC):
         """The offset after the last state record of a changelog partition acknowledged (None: none yet)."""
         return self._state_ends.get(partition)
 
-    def _send(self, source: int, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
-              headers: list[tuple[str, bytes]] | None = None, offset: int | None = None) -> None:
-        """Never raises: a refusal, now or after the producer's retries, fails the source partition.
+    def _send(self, record: Record, topic: str, value: bytes | None, partition: int | None,
+              headers: list[tuple[str, bytes]] | None) -> None:
+        """An output of `record` (its key); never raises: a refusal, now or after the producer's retries,
+        fails its source partition.
 
-        A failed partition's records after the failed one are not even sent: it will be redone from its
-        last commit. `offset` is the source record's: a poll's dead letters go out before its predictions,
-        so the predictions of the events before a refused dead letter are still sent.
+        A failed partition's outputs of records after the failed one are not even sent: it will be redone
+        from its last commit. A poll's dead letters go out before its predictions, so the predictions of
+        the events before a refused dead letter are still sent.
         """
+        source, offset = record.partition, record.offset
         failure = self._failed.get(source)
-        if failure is not None and (offset is None or failure.offset is None or offset > failure.offset):
+        if failure is not None and (failure.offset is None or offset > failure.offset):
             return
         try:
-            self._produce(source, topic, key, value, partition, headers, False)
+            self._produce(source, topic, record.key, value, partition, headers, False)
         except TransportError as exc:
             self._fail(source, topic, exc, offset)
 
@@ -128,13 +130,12 @@ class Bookkeeping(ABC):
         partition number, beside the key's events and state; otherwise the producer hashes the key.
         """
         partition = record.partition if self.copartitioned else None
-        self._send(record.partition, self.cfg.output_topic, key=record.key, value=value, partition=partition,
-                   headers=forwarded(record.headers) if record.headers else None, offset=record.offset)
+        self._send(record, self.cfg.output_topic, value, partition,
+                   forwarded(record.headers) if record.headers else None)
 
     def send_dead_letter(self, record: Record, reason: str, detail: str) -> None:
         """The original key, value and headers, so it can be fixed and sent again."""
-        self._send(record.partition, self.cfg.dlq_topic, key=record.key, value=record.value,
-                   headers=dead_letter_headers(record, reason, detail), offset=record.offset)
+        self._send(record, self.cfg.dlq_topic, record.value, None, dead_letter_headers(record, reason, detail))
 
     def send_states(self, topic: str, records: Sequence[StateRecord]) -> None:
         """A checkpoint's thousands at a time, each handed to the producer with nothing else per record;
