@@ -118,11 +118,10 @@ class EventDecoder:
             return Rejection("bad_key", "the message key (the state key) is missing or empty")
         if len(key) > self.max_key_bytes:
             return Rejection("key_too_large", f"key of {len(key)} bytes; the limit is {self.max_key_bytes} "
-                             "(events.max_key_bytes); the dead letter carries the key and value cut to their limits")
+                             "(events.max_key_bytes)")
         if value is not None and len(value) > self.max_value_bytes:
             return Rejection("value_too_large", f"value of {len(value)} bytes; the limit is "
-                             f"{self.max_value_bytes} (events.max_value_bytes); the dead letter carries its first "
-                             f"{self.max_value_bytes} bytes")
+                             f"{self.max_value_bytes} (events.max_value_bytes)")
         if value is None:
             return Rejection("not_json", "the value is null (a tombstone), not a JSON event; to drop a key's "
                              'state send {"reset": true} or {"end": true}')
@@ -144,12 +143,6 @@ class EventDecoder:
         except ValueError as exc:
             return Rejection("not_json", f"value is not JSON: {exc}")
         return self.decode_object(key_text, obj)
-
-    def within_limits(self, key: bytes | None, value: bytes | None) -> tuple[bytes | None, bytes | None]:
-        """An oversized event's key and value cut to the limits, for its dead letter: whole, it could exceed
-        the producer's 1 MiB request limit, be refused for good and hold its partition (what a bad event
-        must never do)."""
-        return key and key[:self.max_key_bytes], value and value[:self.max_value_bytes]
 
     def decode_object(self, key: str, obj: Any, extra_fields: frozenset[str] = frozenset()) -> Event | Rejection:
         if not isinstance(obj, dict):

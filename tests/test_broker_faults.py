@@ -24,7 +24,7 @@ from conftest import (
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streamlstm.demo.broker import EmbeddedBroker, free_port
-from streamlstm.transport.clients import DLQ_DETAIL, DLQ_REASON
+from streamlstm.transport.clients import DLQ_DETAIL, DLQ_REASON, DLQ_TRUNCATED
 
 OUTAGE_S = 5  # longer than the daemon's first backoffs (1, 2 s): it retries through the outage
 
@@ -119,15 +119,16 @@ def predicted_by_partition(broker, daemon) -> dict[int, set[int]]:
 def test_an_event_too_large_for_any_record_is_dead_lettered_cut_and_its_partition_goes_on(
         broker, daemon_factory, client):
     """A 1.5 MB event (value_too_large): whole, its dead letter would exceed the producer's 1 MiB request
-    limit and hold its partition for good. Cut to events.max_value_bytes it is delivered, and every other
+    limit and hold its partition for good. Cut to fit, and saying so, it is delivered, and every other
     event of its partition is predicted."""
     daemon = daemon_factory(kafka__client=client).start()
     value = b'{"features": [1, 2, 3]}' + b" " * 1_500_000
     sent, poison = send_with_one_poison(broker, daemon.topic, (b"k20", value))
     [letter] = consume_exactly(broker, daemon.kafka["dlq_topic"], 1)
     headers = dict(letter.headers)
-    assert headers[DLQ_REASON] == b"value_too_large" and letter.value == value[:65536]
-    assert b"the dead letter carries its first 65536 bytes" in headers[DLQ_DETAIL]
+    assert headers[DLQ_REASON] == b"value_too_large" and headers[DLQ_TRUNCATED] == str(len(value)).encode()
+    assert letter.key == b"k20" and 1_000_000 < len(letter.value) < 1 << 20 and value.startswith(letter.value)
+    assert b"cut to fit one record of 1048576 bytes: value of 1500023 bytes" in headers[DLQ_DETAIL]
     consume_exactly(broker, daemon.kafka["output_topic"], 39)
     assert predicted_by_partition(broker, daemon)[0] == {m.offset for m in sent[0]} - {poison.offset}
     assert daemon_metric(daemon, "streamlstm_rewinds_total") == 0

@@ -27,10 +27,9 @@ from kafka import KafkaProducer
 from streamlstm.config import KafkaConfig
 from streamlstm.events import REASONS
 from streamlstm.transport.admin import ensure_topics
-from streamlstm.transport.clients import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE
+from streamlstm.transport.clients import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE, DLQ_TRUNCATED
 
 KEYS, GOOD_EVENTS = 160, 2400
-MAX_VALUE_BYTES = 65536  # events.max_value_bytes, the default
 FEATURE_MEAN = (10.0, 20.0, 12.0)  # make_model's training means: what replace_with_mean puts in
 
 
@@ -49,7 +48,7 @@ def bad_event(reason: str, key: bytes, ts: int) -> tuple[bytes | None, bytes]:
         "non_finite_feature": b'{"features": [1, NaN, 3], "ts": %d}' % ts,
         "bad_ts": b'{"features": [1, 2, 3], "ts": "noon"}',
         "bad_control": b'{"features": [1, 2, 3], "reset": "yes"}',
-        "value_too_large": b'{"features": [1, 2, 3]}' + b" " * 70_000,
+        "value_too_large": b'{"features": [1, 2, 3]}' + b" " * 400_000,  # max_value_bytes: 65 536
     }.get(reason, event_value([1, 2, 3], ts))
     return {"bad_key": b"", "key_too_large": b"k" * 2000}.get(reason, key), value  # max_key_bytes: 1024
 
@@ -62,7 +61,7 @@ def workload(replace: bool, seed: int = 3) -> tuple[list[dict], list[tuple[bytes
     one (40 % of the stream), of every kind in turn, mostly with the same key as the good one before it.
 
     Returns the events the daemon must predict (in stream order), the stream, and the expected dead
-    letters as (reason, value) counts.
+    letters as (reason, key, value) counts: each the bad event's own bytes, whole (400 KB among them).
     """
     rng = random.Random(seed)
     good, stream, dead, kinds = [], [], Counter(), itertools.cycle(REASONS)
@@ -77,9 +76,9 @@ def workload(replace: bool, seed: int = 3) -> tuple[list[dict], list[tuple[bytes
             if replace and reason in REPLACEABLE:
                 good.append({"key": key, "features": [1, FEATURE_MEAN[1], 3], "ts": ts})
             else:
-                dead[reason, stream[-1][1][:MAX_VALUE_BYTES]] += 1  # an oversized value's dead letter is cut
+                dead[reason, *stream[-1]] += 1
     stream.append((None, event_value([1, 2, 3])))  # no key at all
-    dead["bad_key", stream[-1][1]] += 1
+    dead["bad_key", *stream[-1]] += 1
     return good, stream, dead
 
 
@@ -88,7 +87,7 @@ def workload(replace: bool, seed: int = 3) -> tuple[list[dict], list[tuple[bytes
 def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker, model_dir, daemon_factory,
                                                                  policy, client):
     good, stream, dead = workload(replace=policy == "replace_with_mean")
-    assert sum(dead.values()) >= 0.3 * len(stream) and {r for r, _ in dead} >= set(REASONS) - REPLACEABLE
+    assert sum(dead.values()) >= 0.3 * len(stream) and {r for r, _, _ in dead} >= set(REASONS) - REPLACEABLE
     daemon = daemon_factory(events__invalid_feature=policy, kafka__client=client)
     ensure_topics(KafkaConfig(**daemon.kafka))
     produce(broker, daemon.topic, stream)  # all before the daemon starts: polls hold keys many times
@@ -102,8 +101,9 @@ def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker
     # as many output as input partitions: each prediction sits in its event's partition (co-partitioned)
     assert all(r.partition == json.loads(r.value)["source"]["partition"] for r in published)
 
-    # every bad event, with its reason and its original bytes, and where it came from
-    assert Counter((dict(r.headers)[DLQ_REASON].decode(), r.value) for r in letters) == dead
+    # every bad event, with its reason and its original bytes, whole, and where it came from
+    assert Counter((dict(r.headers)[DLQ_REASON].decode(), r.key, r.value) for r in letters) == dead
+    assert not any(DLQ_TRUNCATED in dict(r.headers) for r in letters)
     assert all(dict(r.headers)[DLQ_SOURCE].decode().startswith(daemon.topic + "/") for r in letters)
 
     daemon.wait_for(lambda: metric(http_get(daemon.port, "/metrics")[1], "streamlstm_checkpoints_total") > 0,
@@ -111,7 +111,7 @@ def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker
     text = http_get(daemon.port, "/metrics")[1]
     assert metric(text, "streamlstm_events_consumed_total") == len(stream)
     assert metric(text, "streamlstm_predictions_produced_total") == len(good)
-    for reason, count in Counter(r for r, _ in dead.elements()).items():
+    for reason, count in Counter(r for r, _, _ in dead.elements()).items():
         assert metric(text, "streamlstm_events_rejected_total", f'{{reason="{reason}"}}') == count
     replaced = len(good) - GOOD_EVENTS
     assert metric(text, "streamlstm_features_replaced_total") == replaced and (replaced > 0) == (policy != "reject")

@@ -329,8 +329,7 @@ class Daemon:
         for record in records:
             decoded = self.decoder.decode(record.key, record.value)
             if isinstance(decoded, Rejection):
-                key, value = self.decoder.within_limits(record.key, record.value)  # an oversized one is cut
-                io.send_dead_letter(record._replace(key=key, value=value), decoded.reason, decoded.detail)
+                io.send_dead_letter(record, decoded.reason, decoded.detail)
                 m.rejected.labels(decoded.reason).inc()
             else:
                 accepted.append((record, decoded))

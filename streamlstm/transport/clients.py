@@ -21,8 +21,12 @@ log = logging.getLogger(__name__)
 # Batches of 256 KiB: a checkpoint writes many state records at once (16 KiB made 4x more requests).
 # Bounded waits (kafka-python's are 60 s to block in send() and 120 s to deliver): a record that cannot
 # be delivered fails within 20 s and is redone, so the loop never looks hung to its liveness probe.
+# The largest record either producer takes is the same (kafka-python's max_request_size, librdkafka's
+# message.max.bytes): a dead letter is cut to it only when the original could never be written whole.
 PRODUCER_SETTINGS: dict[str, Any] = {"acks": "all", "linger_ms": 5, "batch_size": 256 * 1024, "max_block_ms": 5000,
-                     "request_timeout_ms": 10000, "delivery_timeout_ms": 20000}
+                     "request_timeout_ms": 10000, "delivery_timeout_ms": 20000, "max_request_size": 1 << 20}
+RECORD_OVERHEAD = 256  # a record batch's header (61 bytes) and one record's framing, with room to spare
+NOTE_BYTES = 256  # what a cut dead letter's header and note add (numbers and a few words)
 CONSUMER_CALL_TIMEOUT_MS = 5000  # commits and committed-offset lookups while the broker is away
 
 # Our security keys (kafka-python's names) and librdkafka's names for them.
@@ -36,6 +40,7 @@ DLQ_PREFIX = "streamlstm."
 DLQ_REASON = DLQ_PREFIX + "reason"
 DLQ_DETAIL = DLQ_PREFIX + "detail"
 DLQ_SOURCE = DLQ_PREFIX + "source"
+DLQ_TRUNCATED = DLQ_PREFIX + "truncated"
 
 UNREADABLE_INPUT = ("Set kafka.client: confluent, which reads such a record without its unreadable headers, or "
                     "move the group past it (kafka-consumer-groups --reset-offsets --shift-by 1 on the partition "
@@ -65,6 +70,34 @@ def dead_letter_headers(record: Record, reason: str, detail: str) -> list[tuple[
         (DLQ_DETAIL, detail.encode("utf-8", "replace")),
         (DLQ_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
     ]
+
+
+def _headers_bytes(headers: list[tuple[str, bytes]]) -> int:
+    return sum(len(name.encode()) + len(value) + 10 for name, value in headers)  # two varint lengths at most
+
+
+def dead_letter(record: Record, reason: str, detail: str,
+                max_bytes: int) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """The dead letter of `record`: its key, value and headers whole whenever one record of `max_bytes`
+    holds them with ours, so it can be fixed and sent again. Otherwise (the producer could never write
+    it) the value is cut to fit (and, only if the key alone is too long, the original's headers dropped
+    and the key cut); `streamlstm.truncated` then says how long the original value was, and the detail
+    what was cut: never shortened silently."""
+    key, value = record.key, record.value
+    key_bytes, value_bytes = len(key or b""), len(value or b"")
+    headers = dead_letter_headers(record, reason, detail)
+    if key_bytes + value_bytes + _headers_bytes(headers) + RECORD_OVERHEAD <= max_bytes:
+        return key, value, headers
+    cut = [f"value of {value_bytes} bytes"]
+    if key_bytes + _headers_bytes(headers) + NOTE_BYTES + RECORD_OVERHEAD > max_bytes:
+        cut.append(f"{len(record.headers)} original headers dropped, key of {key_bytes} bytes")
+        headers = [header for header in headers if header[0].startswith(DLQ_PREFIX)]
+    room = max_bytes - RECORD_OVERHEAD - NOTE_BYTES - _headers_bytes(headers)
+    key = key and key[:room]
+    value = value and value[:room - len(key or b"")]
+    note = f"; cut to fit one record of {max_bytes} bytes: {', '.join(cut)}".encode()
+    return key, value, [*((name, raw + note if name == DLQ_DETAIL else raw) for name, raw in headers),
+                        (DLQ_TRUNCATED, str(value_bytes).encode())]
 
 
 class Bookkeeping(ABC):
@@ -134,8 +167,8 @@ class Bookkeeping(ABC):
                    forwarded(record.headers) if record.headers else None)
 
     def send_dead_letter(self, record: Record, reason: str, detail: str) -> None:
-        """The original key, value and headers, so it can be fixed and sent again."""
-        self._send(record, self.cfg.dlq_topic, record.value, None, dead_letter_headers(record, reason, detail))
+        key, value, headers = dead_letter(record, reason, detail, PRODUCER_SETTINGS["max_request_size"])
+        self._send(record._replace(key=key), self.cfg.dlq_topic, value, None, headers)
 
     def send_states(self, topic: str, records: Sequence[StateRecord]) -> None:
         """A checkpoint's thousands at a time, each handed to the producer with nothing else per record;

@@ -79,6 +79,7 @@ def producer_config(cfg: KafkaConfig) -> dict[str, object]:
     return confluent_settings(cfg) | {
         "client.id": f"{cfg.client_id}-producer", "acks": settings["acks"], "enable.idempotence": True,
         "linger.ms": settings["linger_ms"], "batch.size": settings["batch_size"],
+        "message.max.bytes": settings["max_request_size"],
         "request.timeout.ms": settings["request_timeout_ms"], "message.timeout.ms": settings["delivery_timeout_ms"],
         "compression.type": cfg.compression_type,
         # murmur2, as the Java clients and kafka-python hash keys (librdkafka's default is CRC32):
