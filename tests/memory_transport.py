@@ -149,6 +149,10 @@ class MemoryTransport(Bookkeeping):
         self.positions[tp] = self.broker.committed.get(tp, 0)
         self.forget({tp})
 
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.calls.append(f"seek {tp.topic}/{tp.partition} {offset}")
+        self.positions[tp] = offset
+
     def position(self, tp: TopicPartition) -> int | None:
         return self.positions.get(tp)
 

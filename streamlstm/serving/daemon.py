@@ -90,6 +90,8 @@ class Daemon:
         self._io: Transport | None = None
         self.backoff = Backoff()
         self._redoing: set[int] = set()  # partitions rewound and not committed since: backoff not over
+        self._stop_at: dict[TopicPartition, int] = {}  # redone partitions' refused offsets: see _held_back
+        self._reached: set[TopicPartition] = set()  # those stopped there, paused until committed up to it
         log.info("model %s loaded from %s on %s", artifact.version, artifact.path, self.device)
 
     def _serve(self, artifact: Artifact, predictor: StreamingPredictor) -> None:
@@ -215,6 +217,8 @@ class Daemon:
             self.metrics.last_poll.set_to_current_time()
             try:
                 records = io.poll(0 if self.restorer.busy or checkpointer.writing else None)
+                if records and self._stop_at:
+                    records = self._held_back(io, records)
                 if records:
                     self._process(io, records)
                 self.restorer.step()
@@ -244,13 +248,39 @@ class Daemon:
         self._checkpointed(self.checkpointer.checkpoint())
 
     def _checkpointed(self, outcome: Outcome) -> None:
-        """Partitions refused are redone; the backoff ends once every rewound partition has committed again."""
+        """Partitions refused are redone; the backoff ends once every rewound partition has committed past
+        the record refused."""
         if outcome.failed:
             self._rewind(self.io, outcome.failed)
             return
-        self._redoing &= {tp.partition for tp in self.restorer.assigned} - outcome.committed
+        held = {tp.partition for tp in self._stop_at}
+        self._redoing &= {tp.partition for tp in self.restorer.assigned} - (outcome.committed - held)
+        for tp in [tp for tp in self._reached if not self.io.pending({tp})]:
+            self._reached.discard(tp)
+            self.io.seek(tp, self._stop_at.pop(tp))
+            self.io.resume({tp})
         if not self._redoing:
             self.backoff.reset()
+
+    def _release(self, partitions: set[TopicPartition]) -> None:
+        """Partitions leaving: their revocation commits what they did, their next owner goes on from there."""
+        for tp in partitions:
+            self._stop_at.pop(tp, None)
+            self._reached.discard(tp)
+
+    def _held_back(self, io: Transport, records: list[Record]) -> list[Record]:
+        """A partition redone after a refusal stops before the refused record, and goes on from it once
+        everything before it is committed: a record refused for good is then all that each later retry
+        redoes and publishes again, not every event since the partition's last commit."""
+        stop_at, kept = self._stop_at, []
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            if record.offset < stop_at.get(tp, record.offset + 1):
+                kept.append(record)
+            elif tp not in self._reached:
+                self._reached.add(tp)
+                io.pause({tp})
+        return kept
 
     def _rewind(self, io: Transport, failed: dict[int, Failure]) -> None:
         """Redo partitions whose records the broker refused from their last commit, after a backoff.
@@ -267,6 +297,13 @@ class Daemon:
                   "commit and are redone in %.0f s; nothing after it is committed", sorted(failed), first.topic,
                   first.error, delay)
         partitions = {tp for tp in self.restorer.assigned if tp.partition in failed}
+        for tp in partitions:
+            self._reached.discard(tp)
+            offset = failed[tp.partition].offset
+            if offset is None:
+                self._stop_at.pop(tp, None)
+            else:
+                self._stop_at[tp] = offset
         self.restorer.rewind(partitions, delay)
         self._redoing |= {tp.partition for tp in partitions}
         self.metrics.rewinds.inc(len(partitions))
@@ -303,6 +340,7 @@ class Daemon:
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         self.restorer.on_revoked(partitions)
         self.checkpointer.on_revoked(partitions)
+        self._release(partitions)
 
     def on_assigned(self, partitions: set[TopicPartition]) -> None:
         if not self.restorer.on_assigned(partitions):
@@ -316,6 +354,7 @@ class Daemon:
         self.metrics.partitions_lost.inc(len(partitions))
         self.restorer.on_lost(partitions)
         self.checkpointer.forget(partitions)  # a snapshot under way must not commit them for their new owner
+        self._release(partitions)
         self.io.abort()
         self.io.forget(partitions)
         log.warning("lost partitions %s without committing (group membership lost); their state is dropped "

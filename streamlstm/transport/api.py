@@ -40,7 +40,8 @@ class Record(NamedTuple):
 
 
 class Failure(NamedTuple):
-    """The first record of a source partition that the broker refused (after the producer's retries)."""
+    """The first record of a source partition that the broker refused (after the producer's retries):
+    the lowest input offset refused, or no offset (the partition's whole work since its last commit)."""
 
     topic: str
     error: Exception
@@ -138,6 +139,10 @@ class Transport(Protocol):
 
     def rewind(self, tp: TopicPartition) -> None:
         """Consume a partition again from its committed offset."""
+        ...
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Consume a partition from `offset` next; what it has done and committed stays as it is."""
         ...
 
     def position(self, tp: TopicPartition) -> int | None:

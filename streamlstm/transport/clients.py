@@ -150,7 +150,11 @@ class Bookkeeping(ABC):
             self._fail(source, topic, exc, offset)
 
     def _fail(self, source: int, topic: str, error: Exception, offset: int | None = None) -> None:
-        self._failed.setdefault(source, Failure(topic, error, offset))
+        """Keep the lowest refused offset (refusals come back out of order); one without an offset fails
+        all the partition's work since its last commit, and wins."""
+        known = self._failed.get(source)
+        if known is None or (known.offset is not None and (offset is None or offset < known.offset)):
+            self._failed[source] = Failure(topic, error, offset)
 
     def _take_failures(self) -> dict[int, Failure]:
         failed, self._failed = self._failed, {}

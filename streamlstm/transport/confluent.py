@@ -278,6 +278,10 @@ class ConfluentTransport(Bookkeeping):
             self.consumer.seek(Partition(tp.topic, tp.partition, committed))
         self.forget({tp})
 
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        with _kafka_errors():
+            self.consumer.seek(Partition(tp.topic, tp.partition, offset))
+
     def _committed_offset(self, tp: TopicPartition) -> int | None:
         with _kafka_errors():
             offset = self.consumer.committed(_theirs([tp]), timeout=CALL_TIMEOUT_S)[0].offset

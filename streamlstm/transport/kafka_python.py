@@ -251,6 +251,9 @@ class KafkaPythonTransport(Bookkeeping):
                 self.consumer.seek_to_end(kafka_tp)
         self.forget({tp})
 
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.consumer.seek(KafkaPartition(tp.topic, tp.partition), offset)
+
     def position(self, tp: TopicPartition) -> int | None:
         """The committed offset right after an assignment."""
         with translated():
