@@ -107,6 +107,7 @@ class HttpConfig:
     host: str = "0.0.0.0"
     port: int = 8080
     liveness_timeout_s: float = 30.0
+    stall_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from .metrics import Metrics, observe_many
 from .plan import Expiry, plan_batch
 from ..state.store import LocalStores
 from .restore import Restorer
+from .watchdog import ProgressWatchdog, Verdict
 
 log = logging.getLogger("streamlstm.daemon")  # a stable name: operators query logs by it (README)
 
@@ -92,6 +93,7 @@ class Daemon:
         self._redoing: set[int] = set()  # partitions rewound and not committed since: backoff not over
         self._stop_at: dict[TopicPartition, int] = {}  # redone partitions' refused offsets: see _held_back
         self._reached: set[TopicPartition] = set()  # those stopped there, paused until committed up to it
+        self.watchdog = ProgressWatchdog(cfg.http.stall_timeout_s)
         log.info("model %s loaded from %s on %s", artifact.version, artifact.path, self.device)
 
     def _serve(self, artifact: Artifact, predictor: StreamingPredictor) -> None:
@@ -114,9 +116,13 @@ class Daemon:
         """Live while the loop progresses; waiting for an unreachable broker is progress, not a hang."""
         if self._io is None:
             return True, "waiting for the Kafka cluster"
-        idle = time.monotonic() - self._last_poll
+        now = time.monotonic()
+        idle = now - self._last_poll
         if idle > self.cfg.http.liveness_timeout_s:
             return False, f"poll loop stalled for {idle:.0f} s"
+        if self.watchdog.verdict is Verdict.FAILED:
+            return False, (f"no records consumed for {self.watchdog.stalled_for(now):.0f} s while partitions lag "
+                           f"{_partition_lags(self.watchdog.lagging)}; fetching them again did not help")
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
@@ -217,6 +223,8 @@ class Daemon:
             self.metrics.last_poll.set_to_current_time()
             try:
                 records = io.poll(0 if self.restorer.busy or checkpointer.writing else None)
+                if records:
+                    self.watchdog.consumed()
                 if records and self._stop_at:
                     records = self._held_back(io, records)
                 if records:
@@ -407,5 +415,30 @@ class Daemon:
         m.live_keys.set(len(self.predictor.table))
 
     def _report_lag(self, io: Transport) -> None:
-        for tp, lag in io.lag().items():
+        """The lag metric, and the watchdog's check of the partitions records are expected from."""
+        lags = io.lag()
+        for tp, lag in lags.items():
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+        expected = self.restorer.assigned - self.restorer.restoring - self._reached
+        verdict = self.watchdog.check(time.monotonic(), {tp: lags.get(tp) for tp in expected})
+        if verdict is Verdict.STALLED:
+            self._refetch(io)
+        elif verdict is Verdict.FAILED:
+            log.error("still no records from partitions with lag %s after fetching them again; /healthz fails so "
+                      "that the pod is restarted", _partition_lags(self.watchdog.lagging))
+
+    def _refetch(self, io: Transport) -> None:
+        """A stalled consumer's one recovery attempt: each lagging partition sought to its own position,
+        which drops what the client has in flight for it and fetches it anew."""
+        lagging = self.watchdog.lagging
+        self.metrics.stalls.inc()
+        log.warning("no records consumed for %.0f s (http.stall_timeout_s) while partitions lag %s: the broker "
+                    "stopped delivering them; fetching them again", self.watchdog.timeout_s, _partition_lags(lagging))
+        for tp in lagging:
+            position = io.position(tp)
+            if position is not None:
+                io.seek(tp, position)
+
+
+def _partition_lags(lags: dict[TopicPartition, int]) -> str:
+    return ", ".join(f"{tp.partition}: {lag}" for tp, lag in sorted(lags.items()))

@@ -132,6 +132,9 @@ class Metrics:
             "streamlstm_delivery_failures_total",
             "Input partitions whose records the broker refused in a checkpoint, by the topic refused first; "
             "each such partition is redone from its last commit.", ["topic"], registry=r)
+        self.stalls = Counter("streamlstm_consumer_stalls_total",
+                              "Times no record came for http.stall_timeout_s while assigned partitions had lag "
+                              "(then fetched again; a second timeout fails /healthz).", registry=r)
         self.rewinds = Counter("streamlstm_rewinds_total",
                                "Partitions sent back to their last commit, state included, to be redone.",
                                registry=r)

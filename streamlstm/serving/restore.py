@@ -69,6 +69,11 @@ class Restorer:
     def busy(self) -> bool:
         return bool(self._waiting or self._active)
 
+    @property
+    def restoring(self) -> set[TopicPartition]:
+        """Partitions paused until their state is restored."""
+        return self._waiting | {TopicPartition(self.input_topic, partition) for partition in self._active}
+
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         """Remember where each partition's state stands, in case the group gives it straight back."""
         self._revoked |= partitions
