@@ -57,7 +57,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
-        scored, rejected = predict_file(args.model, args.data, out)
+        scored, rejected = predict_file(args.model, args.data, out, load_config(args.config, args.set).events)
     finally:
         if args.out:
             out.close()
@@ -113,6 +113,7 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="model directory")
     predict.add_argument("--data", required=True, help="JSONL events: the wire format plus 'key'")
     predict.add_argument("--out", help="JSONL predictions (default: standard output)")
+    with_config(predict, required=False)  # the events section: rejected or replaced as the daemon does
     predict.set_defaults(func=cmd_predict)
 
     broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker on 127.0.0.1")

@@ -223,13 +223,16 @@ def read_all(broker: EmbeddedBroker, topic: str, timeout_s: float = 30,
     return records
 
 
-def offline_predictions(tmp_path: Path, model: Path, events: list[dict]) -> dict[int, dict]:
-    """`streamlstm predict` over the events (JSONL records with 'key' and a unique 'ts'), by ts."""
+def offline_predictions(tmp_path: Path, model: Path, events: list[dict],
+                        settings: tuple[str, ...] = ()) -> dict[int, dict]:
+    """`streamlstm predict` over the events (JSONL records with 'key' and a unique 'ts'), by ts; `settings`
+    as its --set overrides."""
     data = tmp_path / f"{unique('offline')}.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in events))
     out = data.with_suffix(".out")
+    overrides = [arg for setting in settings for arg in ("--set", setting)]
     subprocess.run([sys.executable, "-m", "streamlstm", "predict", "--model", str(model), "--data", str(data),
-                    "--out", str(out)], check=True, timeout=120)
+                    "--out", str(out), *overrides], check=True, timeout=120)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     return {p["event_ts"]: p for p in lines if "prediction" in p}
 

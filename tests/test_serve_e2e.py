@@ -30,7 +30,7 @@ from streamlstm.transport.admin import ensure_topics
 from streamlstm.transport.clients import DLQ_DETAIL, DLQ_REASON, DLQ_SOURCE, DLQ_TRUNCATED
 
 KEYS, GOOD_EVENTS = 160, 2400
-FEATURE_MEAN = (10.0, 20.0, 12.0)  # make_model's training means: what replace_with_mean puts in
+BAD_TEMP = {"non_numeric_feature": "warm", "non_finite_feature": float("nan")}  # the values bad_event sends
 
 
 def bad_event(reason: str, key: bytes, ts: int) -> tuple[bytes | None, bytes]:
@@ -74,7 +74,7 @@ def workload(replace: bool, seed: int = 3) -> tuple[list[dict], list[tuple[bytes
             reason, ts = next(kinds), 1_800_000_000_000 + i
             stream.append(bad_event(reason, key.encode(), ts))
             if replace and reason in REPLACEABLE:
-                good.append({"key": key, "features": [1, FEATURE_MEAN[1], 3], "ts": ts})
+                good.append({"key": key, "features": [1, BAD_TEMP[reason], 3], "ts": ts})  # as sent
             else:
                 dead[reason, *stream[-1]] += 1
     stream.append((None, event_value([1, 2, 3])))  # no key at all
@@ -96,7 +96,9 @@ def test_streaming_equals_offline_and_rejections_change_nothing(tmp_path, broker
     published = consume_exactly(broker, daemon.kafka["output_topic"], len(good))
     letters = consume_exactly(broker, daemon.kafka["dlq_topic"], sum(dead.values()))
 
-    seen = assert_equals_offline(published, offline_predictions(tmp_path, model_dir, good), daemon.topic)
+    # offline under the same events settings: predict replaces the bad values with the means as the daemon does
+    expected = offline_predictions(tmp_path, model_dir, good, (f"events.invalid_feature={policy}",))
+    seen = assert_equals_offline(published, expected, daemon.topic)
     assert len(seen) == len(good) and len({part for part, _ in seen}) == 4
     # as many output as input partitions: each prediction sits in its event's partition (co-partitioned)
     assert all(r.partition == json.loads(r.value)["source"]["partition"] for r in published)

@@ -18,8 +18,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import TASKS
+from ..config import TASKS, EventsConfig
 from ..errors import UsageError
+from ..events import EventDecoder
 from .network import LSTMForecaster, ModelSpec
 
 FORMAT = "streamlstm-model"
@@ -42,6 +43,13 @@ class Artifact:
     @property
     def spec(self) -> ModelSpec:
         return self.model.spec
+
+    def decoder(self, events: EventsConfig) -> EventDecoder:
+        """How events are checked for this model under `events`: the daemon's decoder and `streamlstm
+        predict`'s are this one, so offline scoring rejects and replaces exactly as serving does."""
+        replace = events.invalid_feature == "replace_with_mean"
+        return EventDecoder(self.spec.features, events.max_key_bytes, events.max_value_bytes,
+                            self.spec.feature_mean if replace else None, self.model.feature_limits())
 
 
 def _version(weights: bytes, spec: dict[str, Any]) -> str:

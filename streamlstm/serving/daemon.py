@@ -20,7 +20,6 @@ from ..config import Config
 from ..events import (
     REASONS,
     Event,
-    EventDecoder,
     Rejection,
     encode_record,
     prediction_record,
@@ -99,10 +98,8 @@ class Daemon:
     def _serve(self, artifact: Artifact, predictor: StreamingPredictor) -> None:
         """Make `predictor` the one that steps, with the event decoder and model info that go with it."""
         self.predictor = predictor
-        events, spec = self.cfg.events, artifact.spec
-        replace = events.invalid_feature == "replace_with_mean"
-        self.decoder = EventDecoder(spec.features, events.max_key_bytes, events.max_value_bytes,
-                                    spec.feature_mean if replace else None, predictor.model.feature_limits())
+        spec = artifact.spec
+        self.decoder = artifact.decoder(self.cfg.events)
         self.metrics.model.info({"version": artifact.version, "task": spec.task, "device": str(self.device),
                                  "hidden_size": str(spec.hidden_size), "num_layers": str(spec.num_layers)})
 

@@ -8,10 +8,10 @@ from typing import TextIO
 
 import msgspec
 
+from ..config import EventsConfig
 from ..events import (
     LABEL_FIELD,
     Event,
-    EventDecoder,
     Rejection,
     decode_line,
     prediction_record,
@@ -21,14 +21,16 @@ from ..model.artifact import load_artifact
 from .reference import score_events
 
 
-def predict_file(model_dir: str | Path, data: str | Path, out: TextIO) -> tuple[int, int]:
-    """Writes what the daemon would publish for each event (source is null: a file has no offsets).
+def predict_file(model_dir: str | Path, data: str | Path, out: TextIO,
+                 events_cfg: EventsConfig = EventsConfig()) -> tuple[int, int]:
+    """Writes what the daemon would publish for each event (source is null: a file has no offsets),
+    checking events as the daemon does under `events_cfg` (events.invalid_feature: replace_with_mean).
 
     A rejected line gets a line naming its reason instead, and a control-only line (reset or end without
     features) a line saying its key's state was dropped. Returns (events, rejected).
     """
     artifact = load_artifact(model_dir)
-    decoder = EventDecoder(artifact.spec.features, limits=artifact.model.feature_limits())
+    decoder = artifact.decoder(events_cfg)
     decoded = [(n, decode_line(decoder, obj, frozenset({LABEL_FIELD}))) for n, obj in read_event_lines(data)]
     events = [d for _, d in decoded if isinstance(d, Event)]
     predictions, steps = score_events(artifact, events)
