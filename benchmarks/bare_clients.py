@@ -25,7 +25,7 @@ from kafka.structs import OffsetAndMetadata
 # The daemon's defaults (streamlstm.transport.clients.PRODUCER_SETTINGS and config.KafkaConfig / StateConfig),
 # repeated rather than imported so that this process stays as light as a user's own relay would be.
 PRODUCER_SETTINGS = {"acks": "all", "linger_ms": 5, "batch_size": 256 * 1024, "max_block_ms": 5000,
-                     "request_timeout_ms": 10000, "delivery_timeout_ms": 20000}
+                     "request_timeout_ms": 10000, "delivery_timeout_ms": 20000, "max_request_size": 1 << 20}
 MAX_POLL_RECORDS, POLL_TIMEOUT_MS, FETCH_MAX_WAIT_MS, CHECKPOINT_INTERVAL_S = 2000, 100, 20, 5.0
 FEATURE_MEAN, FEATURE_STD = (10.0, 20.0, 12.0), (3.0, 5.0, 7.0)
 
@@ -81,7 +81,7 @@ def relay_confluent(bootstrap: str, source: str, sink: str, group: str, count: i
     producer = Producer({"bootstrap.servers": bootstrap, "acks": s["acks"], "enable.idempotence": True,
                          "linger.ms": s["linger_ms"], "batch.size": s["batch_size"],
                          "request.timeout.ms": s["request_timeout_ms"], "message.timeout.ms": s["delivery_timeout_ms"],
-                         "partitioner": "murmur2_random"})
+                         "message.max.bytes": s["max_request_size"], "partitioner": "murmur2_random"})
     if live:
         while not consumer.assignment():
             consumer.consume(1, POLL_TIMEOUT_MS / 1000)  # nothing is produced before "assigned"
