@@ -96,8 +96,8 @@ LOW_RATE = 1000.0  # events/s: the latency floor, far from saturation
 RELAYS = ("relay", "relay-confluent")
 
 
-def make_model(path: Path, hidden: int, layers: int) -> Path:
-    torch.manual_seed(0)
+def make_model(path: Path, hidden: int, layers: int, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
     spec = ModelSpec("regression", FEATURES, ("load",), hidden, layers, FEATURE_MEAN, FEATURE_STD,
                      FEATURE_MEAN[:1], FEATURE_STD[:1])
     save_artifact(LSTMForecaster(spec), path, {"note": "random weights for the end-to-end benchmark"})
@@ -129,10 +129,12 @@ class Outputs:
     records (Tansu 0.6 answers ListOffsets(latest) wrongly, so seeking to the end is not an option).
     confluent-kafka, so that reading 30 000 predictions a second leaves the cores to the daemon."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, fetch_wait_ms: int = 5) -> None:
+        """`fetch_wait_ms`: short for latency; a soak's long-running reader asks less often."""
         self.topic = topic
         self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-read-{topic}",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 5})
+                                  "enable.auto.commit": False, "fetch.wait.max.ms": fetch_wait_ms,
+                                  "fetch.min.bytes": 1 if fetch_wait_ms <= 5 else 1 << 20})
         partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self.consumer.assign([Partition(topic, p, OFFSET_BEGINNING) for p in partitions])
 

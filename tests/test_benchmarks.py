@@ -60,3 +60,18 @@ def test_scale_reports_throughput_by_key_count_and_both_restores(tmp_path):
     assert figures["restart_same_state_dir"]["keys_from_local"] == 2000  # every key, nothing from the changelog
     assert figures["restart_same_state_dir"]["keys_from_changelog"] == 0
     assert figures["new_owner"]["keys_from_changelog"] == 2000 and figures["new_owner"]["assigned_to_ready_s"] > 0
+
+
+def test_the_soak_verdict_fails_on_growth_after_the_warm_up():
+    sys.path.insert(0, str(BENCHMARKS))
+    from soak import verdict
+
+    def samples(rss=lambda t: 300.0, threads=lambda t: 9, live=lambda t: 5000) -> list[dict]:
+        return [{"t_s": t, "rss_mb": rss(t), "threads": threads(t), "open_files": 33, "live_keys": live(t),
+                 "expected_live_keys": 5000} for t in range(0, 1800, 10)]
+
+    assert verdict(samples(rss=lambda t: 200 + t if t < 600 else 800 + (t % 20)), 600)["passed"]  # warm-up aside
+    assert not verdict(samples(rss=lambda t: 300 + t / 30), 600)["passed"]  # +40 MB in 20 min: a leak
+    assert not verdict(samples(threads=lambda t: 9 + t // 300), 600)["passed"]
+    assert not verdict(samples(live=lambda t: 5000 + t * 2), 600)["passed"]  # keys that never expire
+    assert not verdict(samples(), 1800)["passed"]  # nothing after the warm-up: no verdict
