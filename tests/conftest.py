@@ -191,9 +191,11 @@ class NotUtf8(str):
 
 
 def produce(broker: EmbeddedBroker, topic: str, messages: list[tuple],
-            compression_type: str | None = None) -> None:
-    """Messages as (key, value) or (key, value, headers)."""
-    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5, compression_type=compression_type)
+            compression_type: str | None = None, **client: object) -> None:
+    """Messages as (key, value) or (key, value, headers). `client`: kafka-python settings replacing or adding
+    to ours, e.g. another bootstrap and TLS (tests/tls_terminator.py), as in read_all and consume_exactly."""
+    producer = KafkaProducer(**{"bootstrap_servers": broker.bootstrap, "linger_ms": 5,
+                                "compression_type": compression_type} | client)
     for key, value, *headers in messages:
         producer.send(topic, key=key, value=value, headers=headers[0] if headers else None)
     producer.flush()
@@ -201,10 +203,10 @@ def produce(broker: EmbeddedBroker, topic: str, messages: list[tuple],
 
 
 def read_all(broker: EmbeddedBroker, topic: str, timeout_s: float = 30,
-             isolation_level: str = "read_uncommitted") -> list:
+             isolation_level: str = "read_uncommitted", **client: object) -> list:
     """Every record of a topic up to its current end (fetch high watermarks), from the start."""
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False,
-                             isolation_level=isolation_level)
+    consumer = KafkaConsumer(**{"bootstrap_servers": broker.bootstrap, "enable_auto_commit": False,
+                                "isolation_level": isolation_level} | client)
     partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
     if not partitions:  # no such topic (yet)
         consumer.close()
@@ -254,12 +256,13 @@ def assert_equals_offline(published: list, expected: dict[int, dict], topic: str
     return seen
 
 
-def consume_exactly(broker: EmbeddedBroker, topic: str, count: int, timeout_s: float = 60) -> list:
+def consume_exactly(broker: EmbeddedBroker, topic: str, count: int, timeout_s: float = 60,
+                    **client: object) -> list:
     """All records of a topic, read from the start; fails unless there are exactly `count`.
 
     The end is the fetch high watermark: Tansu 0.6 answers ListOffsets(latest) with wrong offsets.
     """
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+    consumer = KafkaConsumer(**{"bootstrap_servers": broker.bootstrap, "enable_auto_commit": False} | client)
     partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)

@@ -49,6 +49,41 @@ UNREADABLE_CHANGELOG = ("The changelog is the daemon's own: set state.changelog_
                         "start from zero state)")
 
 
+# A failed TLS handshake is retried for ever, by every client (its reconnect backoff, then ours), and
+# both libraries log each attempt without saying which of our settings to fix: the first failure of each
+# kind (for a given CA file) is one warning that does, the rest are dropped (tls_failure).
+TLS_HINTS = {
+    "certificate verify failed": "check kafka.ssl_cafile ({cafile}): it must hold the CA that signed the broker's "
+                                 "certificate (and kafka.ssl_check_hostname, if the certificate names another host)",
+    "handshake failed": "check kafka.security_protocol (does {servers} speak TLS?) and the kafka.ssl_* keys",
+}
+_tls_reported: set[tuple[str, str]] = set()
+
+
+def tls_failure_kind(message: str) -> str | None:
+    """The TLS_HINTS key of a client's log line or error about a failed TLS handshake (kafka-python: "Handshake
+    failed: [SSL: ...", librdkafka: "SSL handshake failed: ..."), None for anything else."""
+    lowered = message.lower()
+    if "ssl" not in lowered or "handshake failed" not in lowered:
+        return None
+    return next(kind for kind in TLS_HINTS if kind in lowered)
+
+
+def tls_failure(cfg: KafkaConfig, message: str) -> bool:
+    """Whether `message` is a failed TLS handshake; the first of its kind is logged as one warning naming
+    the setting to check. Called on the clients' threads (a log filter, librdkafka's error callback)."""
+    kind = tls_failure_kind(message)
+    if kind is None:
+        return False
+    if (kind, cfg.ssl_cafile) not in _tls_reported:
+        _tls_reported.add((kind, cfg.ssl_cafile))
+        detail = message[message.lower().index(kind):]
+        hint = TLS_HINTS[kind].format(cafile=cfg.ssl_cafile or "unset: the system's CAs", servers=cfg.bootstrap_servers)
+        log.warning("kafka TLS: %s (connecting to %s); %s; the clients keep retrying (logged once)", detail,
+                    cfg.bootstrap_servers, hint)
+    return True
+
+
 def isolation_level(cfg: KafkaConfig) -> str:
     """Under exactly_once, records of aborted transactions (ours or upstream's) are never read."""
     return "read_committed" if cfg.processing_guarantee == "exactly_once" else "read_uncommitted"

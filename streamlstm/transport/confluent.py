@@ -43,6 +43,8 @@ from .clients import (
     SECURITY_KEYS,
     Bookkeeping,
     isolation_level,
+    tls_failure,
+    tls_failure_kind,
 )
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,28 @@ def confluent_settings(cfg: KafkaConfig) -> dict[str, object]:
     return settings
 
 
+def observed(cfg: KafkaConfig) -> dict[str, object]:
+    """librdkafka's log lines through our logging (our format: JSON for a collector) rather than raw on
+    stderr, and its errors to a callback: a failed TLS handshake, which it logs and reports at every
+    reconnect (each second or so), becomes one warning naming the setting to check (tls_failure)."""
+    return {"logger": log, "error_cb": partial(_client_error, cfg)}
+
+
+def _client_error(cfg: KafkaConfig, error: KafkaError) -> None:
+    """Others are what the calls that fail raise (and librdkafka logs): nothing to add."""
+    tls_failure(cfg, error.str())
+
+
+class _NoTlsFailures(logging.Filter):
+    """librdkafka's own line for each failed handshake: _client_error reports them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return tls_failure_kind(record.getMessage()) is None
+
+
+log.addFilter(_NoTlsFailures())
+
+
 def static_membership(cfg: KafkaConfig) -> dict[str, object]:
     """librdkafka's group.instance.id when kafka.group_instance_id is set (a static member, KIP-345: it
     sends no LeaveGroup on close)."""
@@ -76,7 +100,7 @@ def static_membership(cfg: KafkaConfig) -> dict[str, object]:
 def producer_config(cfg: KafkaConfig) -> dict[str, object]:
     """kafka_io's producer settings in librdkafka's names."""
     settings = PRODUCER_SETTINGS
-    return confluent_settings(cfg) | {
+    return confluent_settings(cfg) | observed(cfg) | {
         "client.id": f"{cfg.client_id}-producer", "acks": settings["acks"], "enable.idempotence": True,
         "linger.ms": settings["linger_ms"], "batch.size": settings["batch_size"],
         "message.max.bytes": settings["max_request_size"],
@@ -169,7 +193,7 @@ class ConfluentTransport(Bookkeeping):
     def _subscribe(self, rebalance: Rebalance) -> Consumer:
         cfg = self.cfg
         with _kafka_errors():
-            consumer = Consumer(confluent_settings(cfg) | {
+            consumer = Consumer(confluent_settings(cfg) | observed(cfg) | {
                 "client.id": cfg.client_id, "group.id": cfg.group_id, "enable.auto.commit": False,
                 "auto.offset.reset": cfg.auto_offset_reset, "session.timeout.ms": cfg.session_timeout_ms,
                 "heartbeat.interval.ms": cfg.heartbeat_interval_ms, "fetch.wait.max.ms": cfg.fetch_max_wait_ms,
@@ -352,7 +376,7 @@ class ConfluentChangelogReader:
         self._ended: set[int] = set()  # partitions whose end this assignment has reached (an EOF event)
         with _kafka_errors():
             # librdkafka wants a group.id even to assign: this one is never joined and never committed to.
-            self.consumer = Consumer(confluent_settings(cfg) | RESTORE_FETCH | {
+            self.consumer = Consumer(confluent_settings(cfg) | observed(cfg) | RESTORE_FETCH | {
                 "client.id": f"{cfg.client_id}-restore", "group.id": f"{cfg.group_id}-restore",
                 "enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "earliest",
                 "fetch.wait.max.ms": cfg.fetch_max_wait_ms, "isolation.level": isolation_level(cfg)})

@@ -38,6 +38,7 @@ from .clients import (
     UNREADABLE_INPUT,
     Bookkeeping,
     isolation_level,
+    tls_failure,
 )
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,39 @@ def translated() -> Iterator[None]:
         raise TransportError(f"{type(exc).__name__}: {exc}") from exc
 
 
+class TlsFailures(logging.Filter):
+    """kafka-python logs each failed TLS handshake as two ERRORs (and a WARNING) at every reconnect, for as
+    long as the setting stays wrong, naming none of ours: those lines become one warning (tls_failure).
+    Its "Bootstrap failed" ERROR that follows, once per client, goes too: the caller gets the error and
+    reports it (the daemon: once per kind). On the loggers that write them; `cfg` is the settings the
+    process's clients were given."""
+
+    LOGGERS = ("kafka.net.manager", "kafka.net.connection")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg: KafkaConfig | None = None
+        self.failed = False  # a TLS handshake has failed in this process
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.cfg is None:
+            return True
+        message = record.getMessage()
+        if tls_failure(self.cfg, message):
+            self.failed = True
+            return False
+        return not (self.failed and message.startswith("Bootstrap failed"))
+
+
+TLS_FAILURES = TlsFailures()
+
+
 def client_settings(cfg: KafkaConfig) -> dict[str, object]:
-    """The SASL/TLS settings every client gets, as kafka-python names them; an empty one is kafka-python's None."""
+    """The SASL/TLS settings every client gets, as kafka-python names them; an empty one is kafka-python's None.
+    The TLS failures of clients given them are reported by TLS_FAILURES, naming `cfg`'s settings."""
+    TLS_FAILURES.cfg = cfg
     return {key: getattr(cfg, key) if getattr(cfg, key) != "" else None for key in SECURITY_KEYS}
 
 
