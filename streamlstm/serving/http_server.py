@@ -88,6 +88,8 @@ class HttpServer:
             asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(CONNECTION_TIMEOUT_S)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(CONNECTION_TIMEOUT_S)
+        if not self._thread.is_alive():
+            self._loop.close()
         self._socket.close()
         self._checks.shutdown(wait=False, cancel_futures=True)
 
