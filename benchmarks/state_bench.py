@@ -66,6 +66,7 @@ from streamlstm.demo.broker import EmbeddedBroker  # noqa: E402
 from streamlstm.serving.restore import RESTORE_POLL_MS  # noqa: E402
 from streamlstm.state import changelog  # noqa: E402
 from streamlstm.state.changelog import PartitionRestore  # noqa: E402
+from streamlstm.state.resident import ResidentKeys  # noqa: E402
 from streamlstm.state.store import LocalStores, StoreMeta  # noqa: E402
 from streamlstm.state.table import StateKey, StateTable  # noqa: E402
 from streamlstm.events import REASONS  # noqa: E402
@@ -225,7 +226,8 @@ def checkpoint(cfg: KafkaConfig, table: StateTable, topic: str, directory: Path,
             stores.establish(p, [], StoreMeta(stores.owner, layers, hidden, MODEL_VERSION, 0, 0), replace=True)
         stores.wait()
         metrics = Metrics(REASONS, (cfg.output_topic, cfg.dlq_topic, topic))
-        checkpointer = Checkpointer(io, table, stores, metrics, topic, Expiry(0, False), MODEL_VERSION)
+        resident = ResidentKeys(table, stores, 0, (layers, hidden, None), MODEL_VERSION)
+        checkpointer = Checkpointer(io, resident, stores, metrics, topic, Expiry(0, False), MODEL_VERSION)
         t0 = time.perf_counter()
         checkpointer.begin()
         t1 = time.perf_counter()
@@ -263,7 +265,7 @@ def local_store(table: StateTable, keys: list[StateKey], partitions: int, cut: i
     stores.wait()
     t1 = time.perf_counter()
     for p, changes in entries.items():
-        stores.submit(p, changes, (layers, hidden, MODEL_VERSION), cut, None)
+        stores.submit(p, changes, (layers, hidden, MODEL_VERSION), cut, None, stores.issue())
     stores.wait()
     t2 = time.perf_counter()
     size = stores.size()

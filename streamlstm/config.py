@@ -92,6 +92,7 @@ class StateConfig:
     dir: str = ""
     ttl_seconds: float = 604800.0
     ttl_clock: Literal["processing_time", "event_time"] = "processing_time"
+    max_resident_keys: int = 0
 
     def dir_or_default(self) -> Path:
         """The local stores' directory: state.dir, or one under the system's temporary directory."""
@@ -156,7 +157,8 @@ class Config:
 
 
 # Numbers where 0 means something (a free port, no clipping, keep for ever, never look): 0 is allowed.
-_ZERO_ALLOWED = ("http.port", "train.seed", "train.grad_clip", "state.ttl_seconds", "model.reload_interval_s")
+_ZERO_ALLOWED = ("http.port", "train.seed", "train.grad_clip", "state.ttl_seconds", "model.reload_interval_s",
+                 "state.max_resident_keys")
 
 
 def _key_types(cls: type) -> dict[str, Any]:
@@ -254,7 +256,16 @@ class _Builder:
             for key, value in dataclasses.asdict(part).items():
                 _validate(f"{section}.{key}", kinds[key], value)
         _check_client(parts["kafka"])
+        _check_resident(parts["state"], parts["kafka"])
         return Config(**parts)
+
+
+def _check_resident(state: StateConfig, kafka: KafkaConfig) -> None:
+    """A batch's keys are all resident while it steps: a bound below a poll's records could not hold them."""
+    if 0 < state.max_resident_keys < kafka.max_poll_records:
+        raise ConfigError(f"config: state.max_resident_keys: {state.max_resident_keys} is below "
+                          f"kafka.max_poll_records ({kafka.max_poll_records}), the keys one batch may step; raise "
+                          "it (or lower kafka.max_poll_records), or set 0 for no bound")
 
 
 def _check_client(kafka: KafkaConfig) -> None:

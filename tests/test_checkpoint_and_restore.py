@@ -25,6 +25,7 @@ from streamlstm.serving.metrics import Metrics
 from streamlstm.serving.plan import Expiry
 from streamlstm.serving.restore import Restorer
 from streamlstm.state import changelog
+from streamlstm.state.resident import ResidentKeys
 from streamlstm.state.store import LocalStores, PartitionStore, StoreMeta
 from streamlstm.state.table import StateTable
 from streamlstm.transport.api import (
@@ -54,6 +55,7 @@ class Node:
     hidden: int = HIDDEN
     expiry: Expiry = NO_TTL
     state_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="node-")))  # a fresh pod's
+    max_resident_keys: int = 0
 
     def __post_init__(self) -> None:
         self.io = MemoryTransport(KafkaConfig(input_topic=INPUT), self.broker)
@@ -61,8 +63,11 @@ class Node:
         self.table = StateTable(self.layers, self.hidden, CPU, capacity=4)
         self.metrics = Metrics(REASONS, ("predictions", "events-dlq", CHANGELOG))
         self.stores = LocalStores(self.state_dir, CHANGELOG)
-        self.checkpointer = Checkpointer(self.io, self.table, self.stores, self.metrics, CHANGELOG, self.expiry, "v1")
-        self.restorer = Restorer(self.io, self.reader, (INPUT, CHANGELOG), self.table, self.stores, self.metrics,
+        self.resident = ResidentKeys(self.table, self.stores, self.max_resident_keys, (self.layers, self.hidden, None),
+                                     "v1")
+        self.checkpointer = Checkpointer(self.io, self.resident, self.stores, self.metrics, CHANGELOG, self.expiry,
+                                         "v1")
+        self.restorer = Restorer(self.io, self.reader, (INPUT, CHANGELOG), self.resident, self.stores, self.metrics,
                                  (self.layers, self.hidden, None), "v1")
 
     def on_revoked(self, partitions: set[TopicPartition]) -> None:

@@ -127,7 +127,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice(tmp_pa
                                                                             daemon_factory, guarantee, state_dir):
     """Restarted on the same state.dir (its local stores, torn or behind, and the changelog after them)
     or as a new pod (the whole changelog)."""
-    events = make_events(8_000, 400, seed=11)
+    events = make_events(5_000, 400, seed=11)
     daemon = daemon_factory(kafka__processing_guarantee=guarantee, kafka__transactional_id=unique("txn"),
                             kafka__session_timeout_ms=REBALANCE_SESSION_MS)
     prepare(daemon)

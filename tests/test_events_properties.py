@@ -11,7 +11,7 @@ from streamlstm.events import FLOAT32_MAX, REASONS, Event, EventDecoder, Rejecti
 
 NAMES = ("load", "temp", "hour")
 decoder = EventDecoder(NAMES)
-SETTINGS = settings(max_examples=4000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Numbers the model can take: finite in float32, which it computes in.
 finite = st.floats(min_value=-FLOAT32_MAX, max_value=FLOAT32_MAX) | st.integers(-(2**53), 2**53)

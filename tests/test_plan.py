@@ -16,7 +16,7 @@ from streamlstm.serving.plan import Expiry, Plan, plan_batch
 NOW = 1_000_000
 TTL = 100
 OFFSET0 = 500  # event i of a batch has offset OFFSET0 + i
-SETTINGS = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 Table = dict[tuple[int, str], tuple[int, int]]  # the reference table: key -> (time, steps since zero state)
 

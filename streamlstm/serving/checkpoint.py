@@ -23,16 +23,14 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..state import changelog
+from ..state.resident import ResidentKeys
 from ..state.store import Entry, LocalStores
-from ..state.table import StateTable
 from ..transport.api import Failure, Offsets, StateRecord, TopicPartition, Transport
 from ..faults import crash_point
 from .metrics import Metrics
 from .plan import Expiry
 
 log = logging.getLogger(__name__)
-
-
 
 
 class Outcome(NamedTuple):
@@ -52,6 +50,7 @@ class _Snapshot:
     records: list[StateRecord]
     entries: dict[int, list[Entry]]  # the records per partition, for the local stores
     size: int
+    seq: int  # the take of changes (LocalStores.issue)
     sent: int = 0
 
 
@@ -59,10 +58,11 @@ class Checkpointer:
     """Writes checkpoints, whole (`checkpoint`) or a slice at a time between polls (`begin`, `write`,
     `finish`), so that events keep flowing while thousands of keys' state records are sent."""
 
-    def __init__(self, io: Transport, table: StateTable, stores: LocalStores, metrics: Metrics, topic: str,
+    def __init__(self, io: Transport, resident: ResidentKeys, stores: LocalStores, metrics: Metrics, topic: str,
                  expiry: Expiry, model_version: str) -> None:
         self.io = io
-        self.table = table
+        self.resident = resident
+        self.table = resident.table
         self.stores = stores
         self.metrics = metrics
         self.topic = topic
@@ -93,23 +93,27 @@ class Checkpointer:
         """Expire, then take the state of every key dropped or changed since the last checkpoint and the
         offsets it reflects. Later events change the table, not this snapshot."""
         self.expire()
-        records, entries, size = self._records()
-        self._snapshot = _Snapshot(time.perf_counter(), self.io.pending(), records, entries, size)
+        seq, records, entries, size = self._records()
+        self._snapshot = _Snapshot(time.perf_counter(), self.io.pending(), records, entries, size, seq)
 
-    def _records(self) -> tuple[list[StateRecord], dict[int, list[Entry]], int]:
-        """The changelog records of the table's changes, tombstones first (a key dropped and seen again
-        has both, in that order), the same per partition for the local stores, and their bytes."""
-        changes = self.table.take_changes()
+    def _records(self) -> tuple[int, list[StateRecord], dict[int, list[Entry]], int]:
+        """A take of changes: its number, the changelog records of the table's changes (and of keys
+        evicted changed), tombstones first (a key dropped and seen again has both, in that order), the same
+        per partition for the local stores, and their bytes."""
+        seq = self.stores.issue()
+        changes = self.resident.take_changes(seq)
         values = changelog.encode(changes.changed, self.model_version)
         changed: list[tuple[int, str, bytes | None, list[tuple[str, bytes]] | None]] = [
             (partition, key, None, changelog.tombstone_headers(offset)) for (partition, key), offset in changes.dropped]
         changed += [(partition, key, value, None) for (partition, key), value in zip(changes.changed.keys, values)]
+        changed += [(partition, key, value, None) for (partition, key), value in changes.encoded]
         records: list[StateRecord] = [(partition, key.encode(), value, headers)  # keyed by the event key, UTF-8
                                       for partition, key, value, headers in changed]
         entries: dict[int, list[Entry]] = {}
         for partition, key, value, _ in changed:
             entries.setdefault(partition, []).append((key, value))
-        return records, entries, sum(map(len, values))
+        self.stores.taken(seq, entries)
+        return seq, records, entries, sum(map(len, values)) + sum(len(value) for _, value in changes.encoded)
 
     def write(self, budget: int | None) -> bool:
         """Send up to `budget` more of the snapshot's state records (all if None); True once all are sent."""
@@ -139,7 +143,7 @@ class Checkpointer:
         if not self.io.commit(committed, wait):
             committed = {}
             for partition in s.entries.keys() - failed.keys():  # the next commit covers them: so must the store
-                self.stores.hold(partition, s.entries[partition])
+                self.stores.hold(partition, s.entries[partition], s.seq)
         else:
             crash_point("after-commit")
             self._store(s, committed, failed)
@@ -156,7 +160,7 @@ class Checkpointer:
         shape = (self.table.h.shape[0], self.table.h.shape[2], self.model_version)
         for partition in (offsets.keys() | s.entries.keys()) - failed.keys():
             self.stores.submit(partition, s.entries.get(partition, []), shape, offsets.get(partition),
-                               self.io.state_end(partition))
+                               self.io.state_end(partition), s.seq)
 
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         """Everything written and the partitions committed before their new owner starts on them.
@@ -167,10 +171,10 @@ class Checkpointer:
         if self._snapshot is not None:
             self.write(None)
             self.forget(partitions)
-        records, entries, _ = self._records()
+        seq, records, entries, _ = self._records()
         self.io.send_states(self.topic, records)
         for partition, changes in entries.items():
-            self.stores.hold(partition, changes)
+            self.stores.hold(partition, changes, seq)
         self.io.commit_revoked(partitions)
 
     def forget(self, partitions: set[TopicPartition]) -> None:
@@ -179,7 +183,7 @@ class Checkpointer:
         if self._snapshot is not None:
             for tp in partitions:
                 self._snapshot.offsets.pop(tp, None)
-                self.stores.hold(tp.partition, self._snapshot.entries.pop(tp.partition, []))
+                self.stores.hold(tp.partition, self._snapshot.entries.pop(tp.partition, []), self._snapshot.seq)
 
     def expire(self) -> None:
         """Drop keys idle longer than state.ttl_seconds, on the configured clock: each shard's stream time

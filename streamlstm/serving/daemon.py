@@ -33,6 +33,7 @@ from .checkpoint import Checkpointer, Outcome
 from .http_server import HttpServer
 from .metrics import Metrics, observe_many
 from .plan import Expiry, plan_batch
+from ..state.resident import Admitted, ResidentKeys
 from ..state.store import LocalStores
 from .restore import Restorer
 from .watchdog import ProgressWatchdog, Verdict
@@ -154,12 +155,13 @@ class Daemon:
         if io is None:
             self.http.stop()
             return
-        table = self.predictor.table
+        self.resident = ResidentKeys(self.predictor.table, self.stores, self.cfg.state.max_resident_keys,
+                                     self._accepts(), self.predictor.version)
         self._restorer = Restorer(io, open_changelog(kafka, self.changelog_topic), (kafka.input_topic,
-                                  self.changelog_topic), table, self.stores, self.metrics, self._accepts(),
+                                  self.changelog_topic), self.resident, self.stores, self.metrics, self._accepts(),
                                   self.predictor.version)
-        self.checkpointer = Checkpointer(io, table, self.stores, self.metrics, self.changelog_topic, self.expiry,
-                                         self.predictor.version)
+        self.checkpointer = Checkpointer(io, self.resident, self.stores, self.metrics, self.changelog_topic,
+                                         self.expiry, self.predictor.version)
         log.info("consuming %s as group %s from %s; state in %s and local stores in %s", kafka.input_topic,
                  kafka.group_id, kafka.bootstrap_servers, self.changelog_topic, self.stores.directory)
         if kafka.processing_guarantee == "exactly_once":
@@ -227,6 +229,8 @@ class Daemon:
                 if records:
                     self._process(io, records)
                 self.restorer.step()
+                if self.resident.limit and (failed := self.stores.take_failures()):
+                    self._restore_anew(failed)
                 self._reload()
                 if checkpointer.writing:
                     if checkpointer.write(max(STATE_RECORDS_PER_POLL, len(records))):
@@ -234,6 +238,7 @@ class Daemon:
                 elif time.monotonic() >= next_checkpoint:
                     self._begin_checkpoint()
                     self._report_lag(io)
+                    self.metrics.stored_keys.set(self.stores.stored_keys())
                     next_checkpoint = time.monotonic() + interval
             except TransportError as exc:  # a broker that does not answer: sends never raise, these calls may
                 delay = self.backoff.next()
@@ -331,10 +336,10 @@ class Daemon:
         old, spec, table = self.predictor.version, loaded.spec, self.predictor.table
         keep = self._accepts()[:2] == (spec.num_layers, spec.hidden_size) and self.cfg.model.on_reload == "keep_state"
         if not keep:
-            table.restart(spec.num_layers, spec.hidden_size)
+            self.resident.restart(spec.num_layers, spec.hidden_size)
         self._serve(loaded, StreamingPredictor(loaded, self.device, table=table))
-        self.restorer.accepts = self._accepts()
-        self.restorer.version = loaded.version
+        self.restorer.accepts = self.resident.accepts = self._accepts()
+        self.restorer.version = self.resident.version = loaded.version
         self.checkpointer.model_version = loaded.version
         self.metrics.reloads.labels("swapped").inc()
         self.metrics.live_keys.set(len(table))
@@ -379,13 +384,20 @@ class Daemon:
                 accepted.append((record, decoded))
                 if decoded.replaced:
                     m.replaced.inc(decoded.replaced)
-        if accepted:
-            self._apply(io, accepted)
+        if accepted and (failed := self._apply(io, accepted)):
+            records = [record for record in records if record.partition not in failed]
         io.mark_done(records)
 
-    def _apply(self, io: Transport, accepted: list[tuple[Record, Event]]) -> None:
+    def _apply(self, io: Transport, accepted: list[tuple[Record, Event]]) -> set[int]:
+        """Step the accepted events and publish their predictions; returns the partitions left undone
+        (their local store failed while their evicted keys were fetched: they are restored anew)."""
         m = self.metrics
         keys = [(record.partition, event.key) for record, event in accepted]
+        admitted = self.resident.admit(keys)
+        failed = set() if admitted is None else self._admitted(admitted)
+        if failed:
+            accepted = [(record, event) for record, event in accepted if record.partition not in failed]
+            keys = [(record.partition, event.key) for record, event in accepted]
         plan = plan_batch(keys, [event for _, event in accepted], [record.offset for record, _ in accepted],
                           [record.timestamp for record, _ in accepted], self.predictor.table.time_of, self.expiry,
                           int(time.time() * 1000))
@@ -410,6 +422,28 @@ class Daemon:
         for reason, count in plan.dropped.items():
             m.dropped_keys.labels(reason).inc(count)
         m.live_keys.set(len(self.predictor.table))
+        return failed
+
+    def _admitted(self, admitted: Admitted) -> set[int]:
+        """The metrics of making a batch's keys resident; the partitions whose store failed, restored anew."""
+        m = self.metrics
+        if admitted.hits or admitted.misses:
+            m.evictions.inc(admitted.evicted)
+            m.fetches.labels("hit").inc(admitted.hits)
+            m.fetches.labels("miss").inc(admitted.misses)
+            m.fetch_duration.observe(admitted.seconds)
+        if admitted.failed:
+            self._restore_anew(admitted.failed)
+        return admitted.failed
+
+    def _restore_anew(self, partitions: set[int]) -> None:
+        """Partitions whose local store failed with keys evicted to it: their state is gone from this pod, so
+        they go back to their last commit and restore from the changelog (the durable copy)."""
+        log.error("local stores of partitions %s failed while keys were evicted to them (see above); they go back "
+                  "to their last commit and restore from the changelog", sorted(partitions))
+        lost = {tp for tp in self.restorer.assigned if tp.partition in partitions}
+        self.restorer.rewind(lost, 0.0)
+        self.metrics.rewinds.inc(len(lost))
 
     def _report_lag(self, io: Transport) -> None:
         """The lag metric, and the watchdog's check of the partitions records are expected from."""

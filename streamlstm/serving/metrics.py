@@ -138,8 +138,17 @@ class Metrics:
         self.rewinds = Counter("streamlstm_rewinds_total",
                                "Partitions sent back to their last commit, state included, to be redone.",
                                registry=r)
-        self.live_keys = Gauge("streamlstm_live_keys", "Keys with state in the table.", registry=r,
-                               multiprocess_mode="livesum")
+        self.live_keys = Gauge("streamlstm_live_keys", "Keys with state in the table (resident: in memory).",
+                               registry=r, multiprocess_mode="livesum")
+        self.stored_keys = Gauge("streamlstm_stored_keys", "Keys in the local state stores (counted every 10 s "
+                                 "while written).", registry=r, multiprocess_mode="livesum")
+        self.evictions = Counter("streamlstm_evicted_keys_total", "Keys evicted from memory to the local stores "
+                                 "(state.max_resident_keys).", registry=r)
+        self.fetches = Counter("streamlstm_fetched_keys_total", "Keys missing from memory when their event came, by "
+                               "result: hit (fetched back) or miss (new: found nowhere).", ["result"], registry=r)
+        self.fetch_duration = Histogram("streamlstm_fetch_duration_seconds", "Making one batch's keys resident "
+                                        "(evicting and fetching), for batches that missed keys.",
+                                        buckets=LATENCY_BUCKETS, registry=r)
         self.dropped_keys = Counter("streamlstm_keys_dropped_total",
                                     "Keys whose state was dropped and tombstoned: end, reset (without features), "
                                     "expired (idle longer than state.ttl_seconds).", ["reason"], registry=r)
@@ -166,7 +175,7 @@ class Metrics:
                                 (self.restore_skipped, SKIP_REASONS), (self.reloads, RELOAD_RESULTS),
                                 (self.restored_keys, RESTORE_SOURCES), (self.restores, RESTORE_SOURCES),
                                 (self.restore_replayed, RESTORE_SOURCES), (self.store_refused, REFUSAL_REASONS),
-                                (self.delivery_failures, output_topics)):
+                                (self.delivery_failures, output_topics), (self.fetches, ("hit", "miss"))):
             for value in values:
                 counter.labels(value)
 

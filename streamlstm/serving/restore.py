@@ -25,8 +25,8 @@ from operator import attrgetter
 
 from ..faults import crash_point
 from ..state.changelog import OWNER_KEY, PartitionRestore, owner_marker
+from ..state.resident import ResidentKeys
 from ..state.store import LocalStores, StoreError, StoreMeta
-from ..state.table import StateTable
 from ..transport.api import ChangelogSource, TopicPartition, Transport
 from .metrics import Metrics
 
@@ -43,12 +43,12 @@ class _Restore:
 
 
 class Restorer:
-    def __init__(self, io: Transport, reader: ChangelogSource, topics: tuple[str, str], table: StateTable,
+    def __init__(self, io: Transport, reader: ChangelogSource, topics: tuple[str, str], resident: ResidentKeys,
                  stores: LocalStores, metrics: Metrics, accepts: tuple[int, int, str | None], version: str) -> None:
         self.io = io
         self.reader = reader
         self.input_topic, self.changelog_topic = topics
-        self.table = table
+        self.resident = resident
         self.stores = stores
         self.metrics = metrics
         self.accepts = accepts  # (num_layers, hidden_size, model version or None for any): what state fits
@@ -92,7 +92,7 @@ class Restorer:
         gone = self.assigned - partitions
         new = partitions - (self.assigned - self._revoked)
         for tp in gone:
-            self.table.forget_shard(tp.partition)
+            self.resident.forget_shard(tp.partition)
             self._kept.pop(tp, None)
             self._rewinding.discard(tp)
             self._assigned_at.pop(tp, None)
@@ -125,7 +125,7 @@ class Restorer:
     def _drop(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
             self._cancel(tp)
-            self.table.forget_shard(tp.partition)
+            self.resident.forget_shard(tp.partition)
             self._kept.pop(tp, None)
             self._reflects.pop(tp, None)
             self._rewinding.discard(tp)
@@ -134,7 +134,7 @@ class Restorer:
         """Abandon a partition's pending or running restore; returns whether there was one."""
         if self._active.pop(tp.partition, None) is not None:
             self.reader.stop({tp.partition})
-            self.table.forget_shard(tp.partition)
+            self.resident.forget_shard(tp.partition)
             return True
         if tp in self._waiting:
             self._waiting.discard(tp)
@@ -183,7 +183,7 @@ class Restorer:
             self._reflects[tp] = cut
             self._resume(tp)
             return None
-        self.table.forget_shard(tp.partition)
+        self.resident.forget_shard(tp.partition)
         fold = PartitionRestore(tp.partition, cut)
         start = self._seed(fold)
         self._active[tp.partition] = _Restore(fold, time.perf_counter(), "changelog" if fold.owner is None else "local")
@@ -247,11 +247,12 @@ class Restorer:
         del self._active[partition]
         self.reader.stop({partition})
         state, incompatible = fold.rows(*self.accepts)
-        self.table.load(state)
         layers, hidden, _ = self.accepts
-        self.stores.establish(partition, fold.entries(), StoreMeta(self.stores.owner, layers, hidden, self.version,
-                                                                   fold.cut, fold.next_offset),
-                              replace=fold.owner is None)
+        entries = fold.entries()
+        seq = self.stores.establish(partition, entries, StoreMeta(self.stores.owner, layers, hidden, self.version,
+                                                                  fold.cut, fold.next_offset),
+                                    replace=fold.owner is None)
+        self.resident.load_restored(partition, state, entries, seq)
         self.io.send_states(self.changelog_topic, [(partition, OWNER_KEY, owner_marker(self.stores.owner), None)])
         tp = TopicPartition(self.input_topic, partition)
         self._reflects[tp] = fold.cut
@@ -265,7 +266,7 @@ class Restorer:
         m.restore_skipped.labels("beyond_cut").inc(fold.skipped_beyond_cut)
         m.restore_skipped.labels("incompatible").inc(incompatible)
         m.restore_skipped.labels("unreadable").inc(fold.unreadable)
-        m.live_keys.set(len(self.table))
+        m.live_keys.set(len(self.resident))
         m.store_bytes.set(self.stores.size())
         log.info("partition %d: restored %d keys in %.2f s from %s (%d changelog records; cut at input offset %d; "
                  "%d records beyond it, %d of another model's shape, %d unreadable)", partition, len(state.keys),

@@ -208,24 +208,31 @@ class PartitionRestore:
         another model's shape, or, if `version` is given, written by another model version.
 
         The values are read as one array of records (one copy of them all), not one at a time."""
-        layout = _layout(num_layers, hidden_size)
         values = list(self._values.values())
-        sized = [value is not None and len(value) == layout.itemsize for value in values]
-        names = list(compress(self._values, sized))
-        # numpy's own allocation (huge pages where the kernel has them): b"".join's page faults cost 3x the copy
-        records = np.fromiter(compress(values, sized), f"S{layout.itemsize}", len(names)).view(layout)
-        fits = (records["layers"] == num_layers) & (records["hidden"] == hidden_size)
-        if version is not None:
-            fits &= (records["model"] == np.frombuffer(_version_field(version), np.uint8)).all(axis=1)
-        if not fits.all():
-            names = list(compress(names, fits.tolist()))
-            records = records[fits]
-        state = records["state"]
-        rows = Rows(list(zip(repeat(self.shard), names)), state[:, 0].transpose(1, 0, 2).copy(),
-                    state[:, 1].transpose(1, 0, 2).copy(), records["steps"].copy(), records["offset"].copy(),
-                    records["time"].copy())
+        rows = decode(self.shard, list(self._values), values, num_layers, hidden_size, version)
         live = len(values) - values.count(None)
-        return rows, live - len(names)
+        return rows, live - len(rows.keys)
+
+
+def decode(shard: int, names: list[str], values: list[bytes | None], num_layers: int, hidden_size: int,
+           version: str | None = None) -> Rows:
+    """The keys' state from their values, skipping tombstones and values of another shape (or, if
+    `version` is given, of another model version): read as one array of records, not one at a time."""
+    layout = _layout(num_layers, hidden_size)
+    sized = [value is not None and len(value) == layout.itemsize for value in values]
+    names = list(compress(names, sized))
+    # numpy's own allocation (huge pages where the kernel has them): b"".join's page faults cost 3x the copy
+    records = np.fromiter(compress(values, sized), f"S{layout.itemsize}", len(names)).view(layout)
+    fits = (records["layers"] == num_layers) & (records["hidden"] == hidden_size)
+    if version is not None:
+        fits &= (records["model"] == np.frombuffer(_version_field(version), np.uint8)).all(axis=1)
+    if not fits.all():
+        names = list(compress(names, fits.tolist()))
+        records = records[fits]
+    state = records["state"]
+    return Rows(list(zip(repeat(shard), names)), state[:, 0].transpose(1, 0, 2).copy(),
+                state[:, 1].transpose(1, 0, 2).copy(), records["steps"].copy(), records["offset"].copy(),
+                records["time"].copy())
 
 
 class _Raw(NamedTuple):

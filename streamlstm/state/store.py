@@ -16,6 +16,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Iterable
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA = 1
 Entry = tuple[str, bytes | None]  # key, changelog value (None: dropped)
+FETCH_CHUNK = 500  # keys per SELECT of a fetch (SQLite's limit on bound parameters is far above)
+COUNT_EVERY_S = 10.0  # how often the writer counts a partition's stored keys (a scan of the store)
 
 
 class StoreError(Exception):
@@ -60,6 +63,7 @@ class PartitionStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None  # for fetches, beside the writer's: WAL lets both work
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
@@ -99,6 +103,28 @@ class PartitionStore:
             raise StoreError(f"{self.path}: {bad} of {len(keys)} records fail their checksum")
         return StoredState(meta, keys, values)
 
+    def fetch(self, keys: list[str]) -> dict[str, bytes]:
+        """The stored values of those of `keys` the store holds, checked. Raises StoreError if it cannot."""
+        if not self.path.exists():
+            return {}
+        found: dict[str, bytes] = {}
+        try:
+            if self._reader is None:
+                self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            for i in range(0, len(keys), FETCH_CHUNK):
+                chunk = keys[i:i + FETCH_CHUNK]
+                query = f"SELECT key, value, crc FROM state WHERE key IN ({','.join('?' * len(chunk))})"
+                for key, value, crc in self._reader.execute(query, chunk):
+                    if _checksum(key, value) != crc:
+                        raise StoreError(f"{self.path}: the record of key {key!r} fails its checksum")
+                    found[key] = value
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: unreadable ({exc})") from exc
+        return found
+
+    def count(self) -> int:
+        return self._connection().execute("SELECT count(*) FROM state").fetchone()[0]
+
     def write(self, entries: Iterable[Entry], meta: StoreMeta, replace: bool) -> None:
         """One transaction: all of it or, after a crash, none of it. `replace`: the entries are all there is."""
         db = self._connection()
@@ -136,9 +162,10 @@ class PartitionStore:
         return total
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        for db in (self._db, self._reader):
+            if db is not None:
+                db.close()
+        self._db = self._reader = None
 
 
 class LocalStores:
@@ -148,6 +175,10 @@ class LocalStores:
     state: `establish`): a store that missed a write (it failed, or its partition was restored
     elsewhere meanwhile) must never look complete again. Changes sent outside a checkpoint (when
     partitions are revoked) are held and written with that partition's next checkpoint.
+
+    Each take of changes has a number (`issue`); `written(partition)` says up to which take all of a
+    partition's changes are in its store, which is what a bound on resident keys needs to know before it
+    evicts a key and fetches it back from the store later.
     """
 
     def __init__(self, directory: Path, name: str) -> None:
@@ -155,7 +186,7 @@ class LocalStores:
         self.name = name
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            self._lock = _lock(directory)
+            self._dir_lock = _lock(directory)
             owner_file = directory / "owner"
             if not owner_file.exists():
                 owner_file.write_text(uuid.uuid4().hex + "\n")
@@ -165,8 +196,13 @@ class LocalStores:
                              "directory (a volume in Kubernetes)") from exc
         self._stores: dict[int, PartitionStore] = {}
         self._meta: dict[int, StoreMeta] = {}  # of the established stores, as last submitted
-        self._held: dict[int, list[Entry]] = {}
-        self._queue: queue.Queue[tuple[int, list[Entry], StoreMeta, bool] | None] = queue.Queue()
+        self._held: dict[int, tuple[list[Entry], set[int]]] = {}  # entries and the takes they come from
+        self._queue: queue.Queue[tuple[int, list[Entry], StoreMeta, bool, set[int]] | None] = queue.Queue()
+        self._seq = 0
+        self._outstanding: dict[int, set[int]] = {}  # per partition, the takes whose changes are not written
+        self._lock = threading.Lock()  # for _outstanding, _counts and failures, shared with the writer
+        self._counts: dict[int, tuple[int, float]] = {}  # stored keys, and when counted
+        self.failures: set[int] = set()  # partitions whose store failed: what it held is gone
         self._thread = threading.Thread(target=self._write_all, name="local-store-writer", daemon=True)
         self._thread.start()
 
@@ -180,27 +216,60 @@ class LocalStores:
         self._queue.join()
         return self.store(partition).read()
 
-    def establish(self, partition: int, entries: list[Entry], meta: StoreMeta, replace: bool) -> None:
-        """After a restore: the store holds the partition's whole state, written in the background."""
+    def fetch(self, partition: int, keys: list[str]) -> dict[str, bytes]:
+        """What the partition's store holds of `keys` (as of the writes done so far). Raises StoreError."""
+        return self.store(partition).fetch(keys)
+
+    def issue(self) -> int:
+        """The number of a new take of changes, higher than any before."""
+        self._seq += 1
+        return self._seq
+
+    def taken(self, seq: int, partitions: Iterable[int]) -> None:
+        """Take `seq` took changes of `partitions`: they are not in the stores until written."""
+        with self._lock:
+            for partition in partitions:
+                if partition in self._meta:
+                    self._outstanding.setdefault(partition, set()).add(seq)
+
+    def written(self, partition: int) -> int:
+        """Every change of `partition` taken by a take up to this number is in its store."""
+        with self._lock:
+            outstanding = self._outstanding.get(partition)
+            return min(outstanding) - 1 if outstanding else self._seq
+
+    def establish(self, partition: int, entries: list[Entry], meta: StoreMeta, replace: bool) -> int:
+        """After a restore: the store holds the partition's whole state, written in the background. Returns
+        the take number of the write."""
         self._held.pop(partition, None)
         self._meta[partition] = meta
-        self._queue.put((partition, entries, meta, replace))
+        seq = self.issue()
+        with self._lock:
+            self._outstanding[partition] = {seq}
+        self._queue.put((partition, entries, meta, replace, {seq}))
+        return seq
 
     def disown(self, partitions: Iterable[int]) -> None:
         """Partitions no longer ours (their files stay, for a return): no more writes until re-established."""
         for partition in partitions:
             self._meta.pop(partition, None)
             self._held.pop(partition, None)
+            with self._lock:
+                self._outstanding.pop(partition, None)
+                self._counts.pop(partition, None)
 
-    def hold(self, partition: int, entries: list[Entry]) -> None:
+    def hold(self, partition: int, entries: list[Entry], seq: int) -> None:
         """Changes sent to the changelog without a commit: written with the partition's next checkpoint."""
         if partition in self._meta:
-            self._held.setdefault(partition, []).extend(entries)
+            held, seqs = self._held.setdefault(partition, ([], set()))
+            held.extend(entries)
+            seqs.add(seq)
 
     def submit(self, partition: int, entries: list[Entry], shape: tuple[int, int, str], input_offset: int | None,
-               changelog_offset: int | None) -> None:
-        """A checkpoint's changes of one partition, acknowledged, with the input offset committed (None: the
-        same as before) and the offset after the partition's last state record acknowledged (if known)."""
+               changelog_offset: int | None, seq: int) -> None:
+        """A checkpoint's changes of one partition (taken by take `seq`), acknowledged, with the input offset
+        committed (None: the same as before) and the offset after the partition's last state record
+        acknowledged (if known)."""
         meta = self._meta.get(partition)
         if meta is None:
             return
@@ -209,7 +278,18 @@ class LocalStores:
                              input_offset=meta.input_offset if input_offset is None else input_offset,
                              changelog_offset=max(meta.changelog_offset, changelog_offset or 0))
         self._meta[partition] = meta
-        self._queue.put((partition, self._held.pop(partition, []) + entries, meta, False))
+        held, seqs = self._held.pop(partition, ([], set()))
+        self._queue.put((partition, held + entries, meta, False, seqs | {seq}))
+
+    def stored_keys(self) -> int:
+        """Keys in the stores, as last counted (each partition's count at most COUNT_EVERY_S old while written)."""
+        with self._lock:
+            return sum(count for count, _ in self._counts.values())
+
+    def take_failures(self) -> set[int]:
+        with self._lock:
+            failures, self.failures = self.failures, set()
+        return failures
 
     def wait(self) -> None:
         self._queue.join()
@@ -219,14 +299,25 @@ class LocalStores:
 
     def _write_all(self) -> None:
         while (job := self._queue.get()) is not None:
-            partition, entries, meta, replace = job
+            partition, entries, meta, replace, seqs = job
             try:
-                self.store(partition).write(entries, meta, replace)
+                store = self.store(partition)
+                store.write(entries, meta, replace)
+                with self._lock:
+                    self._outstanding.get(partition, set()).difference_update(seqs)
+                counted = self._counts.get(partition)
+                if counted is None or replace or time.monotonic() - counted[1] > COUNT_EVERY_S:
+                    count = store.count()
+                    with self._lock:
+                        self._counts[partition] = (count, time.monotonic())
             except (sqlite3.Error, OSError) as exc:
                 log.error("partition %d: local store write failed (%s); it is removed and the partition will "
                           "restore from the changelog next time", partition, exc)
                 self._meta.pop(partition, None)
                 self.store(partition).remove()
+                with self._lock:
+                    self.failures.add(partition)
+                    self._counts.pop(partition, None)
             finally:
                 self._queue.task_done()
         self._queue.task_done()
@@ -237,7 +328,7 @@ class LocalStores:
         self._thread.join()
         for store in self._stores.values():
             store.close()
-        self._lock.close()
+        self._dir_lock.close()
 
 
 def _lock(directory: Path) -> IO[bytes]:

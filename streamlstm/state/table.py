@@ -18,7 +18,7 @@ whatever holds their addresses (a captured graph) knows when to take them anew.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -41,10 +41,22 @@ class Rows:
 
 @dataclass
 class Changes:
-    """Since the last checkpoint: dropped keys with the offset that dropped them, then changed keys."""
+    """Since the last checkpoint: dropped keys with the offset that dropped them, then changed keys (and,
+    with a bound on resident keys, changed keys evicted since, as changelog values: `encoded`)."""
 
     dropped: list[tuple[StateKey, int]]
     changed: Rows
+    encoded: list[tuple[StateKey, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class Evicted:
+    """Rows taken out of the table, with whether each was changed since the last take and which take
+    last took it (`seqs`: see StateTable.take_changes)."""
+
+    rows: Rows
+    dirty: np.ndarray
+    seqs: np.ndarray
 
 
 class StateTable:
@@ -56,13 +68,16 @@ class StateTable:
         self._keys: list[StateKey | None] = [None] * capacity
         self._free = list(range(capacity - 1, -1, -1))
         self._dirty: set[int] = set()
-        self._dropped: list[tuple[StateKey, int]] = []
+        self._dropped: dict[StateKey, int] = {}  # since the last take, each key's last drop
+        self._tick = 0
         self.storage_generation = 0
         self._allocate(num_layers, hidden_size)
         self.steps = torch.zeros(capacity, dtype=torch.int64)
         self.offsets = np.full(capacity, -1, dtype=np.int64)
         self.times = np.zeros(capacity, dtype=np.int64)
         self.shards = np.full(capacity, -1, dtype=np.int64)
+        self.used = np.zeros(capacity, dtype=np.int64)  # when each row was last asked for: the LRU order
+        self.taken = np.zeros(capacity, dtype=np.int64)  # the take that last took each row's change
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -123,7 +138,29 @@ class StateTable:
             out.append(row)
         if new:
             self._clear(new)
-        return torch.from_numpy(np.array(out, dtype=np.int64))  # 3x faster than torch.tensor(list)
+        index = np.array(out, dtype=np.int64)  # 3x faster than torch.tensor(list)
+        self._use(index)
+        return torch.from_numpy(index)
+
+    def _use(self, rows: np.ndarray) -> None:
+        self.used[rows] = self._tick
+        self._tick += 1
+
+    def touch(self, keys: Sequence[StateKey]) -> list[StateKey]:
+        """Mark the keys held as used now; returns the others, each once, in order."""
+        held, missing = [], {}
+        for key in keys:
+            row = self._rows.get(key)
+            if row is None:
+                missing[key] = None
+            else:
+                held.append(row)
+        self._use(np.array(held, dtype=np.int64))
+        return list(missing)
+
+    def dropped(self, key: StateKey) -> bool:
+        """Whether `key` was dropped since the last take (its tombstone is not written yet)."""
+        return key in self._dropped
 
     def _admit_all(self, keys: Sequence[StateKey]) -> torch.Tensor:
         """Rows for keys about to be overwritten whole (a restore's): those of keys not held are taken
@@ -157,6 +194,7 @@ class StateTable:
         self.steps[idx] = 0
         self.offsets[rows] = -1
         self.times[rows] = 0
+        self.taken[rows] = 0
 
     def _grow(self, capacity: int) -> None:
         """Grow to `capacity` rows (admitting doubles it: amortised O(1) per key)."""
@@ -168,6 +206,8 @@ class StateTable:
         self.offsets = np.concatenate([self.offsets, np.full(extra, -1, dtype=np.int64)])
         self.times = np.concatenate([self.times, np.zeros(extra, dtype=np.int64)])
         self.shards = np.concatenate([self.shards, np.full(extra, -1, dtype=np.int64)])
+        self.used = np.concatenate([self.used, np.zeros(extra, dtype=np.int64)])
+        self.taken = np.concatenate([self.taken, np.zeros(extra, dtype=np.int64)])
         self._free.extend(range(capacity - 1, old - 1, -1))
 
     def reset(self, rows: list[int]) -> None:
@@ -212,7 +252,7 @@ class StateTable:
             row = self._rows.pop(key, None)
             if row is not None:
                 self._release(row)
-            self._dropped.append((key, offset))
+            self._dropped[key] = max(offset, self._dropped.get(key, offset))
 
     def _release(self, row: int) -> None:
         self._keys[row] = None
@@ -223,7 +263,7 @@ class StateTable:
     def forget_shard(self, shard: int) -> int:
         """Remove a shard's keys from memory only (it moved elsewhere); its changelog stays as it is."""
         count = self._forget(np.flatnonzero(self.shards == shard).tolist())
-        self._dropped = [(key, offset) for key, offset in self._dropped if key[0] != shard]
+        self._dropped = {key: offset for key, offset in self._dropped.items() if key[0] != shard}
         return count
 
     def restart(self, num_layers: int, hidden_size: int) -> None:
@@ -266,14 +306,29 @@ class StateTable:
         return Rows(self._keys_of(rows), h.cpu().numpy(), c.cpu().numpy(), self.steps[idx].numpy(),
                     self.offsets[rows], self.times[rows])
 
-    def take_changes(self) -> Changes:
-        changed = self.export(sorted(self._dirty))
-        dropped = self._dropped
-        self._dirty, self._dropped = set(), []
+    def evict(self, count: int) -> Evicted:
+        """Take the `count` least recently used keys out (no tombstone: their state lives on elsewhere)."""
+        live = np.flatnonzero(self.shards >= 0)
+        count = min(count, len(live))
+        rows = live[np.argpartition(self.used[live], count - 1)[:count]] if count else live[:0]
+        rows_ = rows.tolist()
+        out = Evicted(self.export(rows_), np.array([row in self._dirty for row in rows_], dtype=bool),
+                      self.taken[rows].copy())
+        self._forget(rows_)
+        return out
+
+    def take_changes(self, seq: int = 0) -> Changes:
+        """The changes since the last take; `seq` (increasing) marks the rows as taken by this take."""
+        dirty = sorted(self._dirty)
+        changed = self.export(dirty)
+        self.taken[dirty] = seq
+        dropped = list(self._dropped.items())
+        self._dirty, self._dropped = set(), {}
         return Changes(dropped, changed)
 
-    def load(self, state: Rows) -> None:
-        """Install restored keys, replacing whatever the table held for them; they count as unchanged."""
+    def load(self, state: Rows, seq: int = 0, dirty: np.ndarray | None = None) -> None:
+        """Install restored (or fetched) keys, replacing whatever the table held for them; they count as
+        unchanged, taken by take `seq`, except those `dirty` marks changed."""
         needed = len(self._rows) + len(state.keys)
         if needed > len(self._keys):
             self._grow(max(needed, 2 * len(self._keys)))  # a restore loads partition after partition
@@ -282,6 +337,11 @@ class StateTable:
         self._h.index_copy_(1, idx, torch.from_numpy(state.h).to(self.device))
         self._c.index_copy_(1, idx, torch.from_numpy(state.c).to(self.device))
         self.steps[rows] = torch.from_numpy(state.steps)
-        self.offsets[rows.numpy()] = state.offsets
-        self.times[rows.numpy()] = state.times
+        index = rows.numpy()
+        self.offsets[index] = state.offsets
+        self.times[index] = state.times
+        self.taken[index] = seq
+        self._use(index)
         self._dirty.difference_update(rows.tolist())
+        if dirty is not None:
+            self._dirty.update(index[dirty].tolist())
