@@ -84,17 +84,21 @@ class Node:
         self.io.forget(partitions)
 
     def step(self, partition: int, key: str, offset: int, time_ms: int = 1_000) -> None:
-        """An event of `key` at `offset` applied as the daemon applies one: the key's row stepped to a new
-        h and c (the same for the same key and offset on every node), stamped, the record marked done."""
+        """An event of `key` at `offset` applied as the daemon applies one: the key made resident, its row
+        stepped to a new h and c that depend on the old ones and on the key and offset (the same on every
+        node for the same history), stamped, the record marked done."""
+        self.resident.admit([(partition, key)])
         rows = self.table.rows([(partition, key)])
         g = torch.Generator().manual_seed(zlib.crc32(f"{partition}/{key}/{offset}".encode()))
-        self.table.scatter(rows, torch.randn(self.layers, 1, self.hidden, generator=g),
-                           torch.randn(self.layers, 1, self.hidden, generator=g))
+        h, c = self.table.gather(rows)
+        self.table.scatter(rows, h / 2 + torch.randn(self.layers, 1, self.hidden, generator=g),
+                           c / 2 + torch.randn(self.layers, 1, self.hidden, generator=g))
         self.table.stamp(rows.numpy(), np.array([offset]), np.array([time_ms]))
         self.io.mark_done([Record(INPUT, partition, offset, time_ms, key.encode(), b"{}", [])])
 
     def end(self, partition: int, key: str, offset: int) -> None:
         """An event that ends `key`: it is dropped, to be tombstoned at `offset`."""
+        self.resident.admit([(partition, key)])
         self.table.drop([(partition, key)], [offset])
         self.io.mark_done([Record(INPUT, partition, offset, 0, key.encode(), b'{"end": true}', [])])
 

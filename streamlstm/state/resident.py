@@ -88,6 +88,8 @@ class ResidentKeys:
                 written[partition] = self.stores.written(partition)
             if dirty or seq > written[partition]:
                 self._evicted.setdefault(partition, {})[key] = _Evicted(value, dirty, seq)
+            elif partition in self._evicted:
+                self._evicted[partition].pop(key, None)  # an older entry (a drop's) must not outlive this
         return len(values)
 
     def _fetch(self, missing: list[StateKey]) -> tuple[int, set[int]]:
@@ -95,15 +97,15 @@ class ResidentKeys:
         store failed (their keys are not loaded)."""
         by_partition: dict[int, list[str]] = {}
         for partition, key in missing:
-            if not self.table.dropped((partition, key)):
-                by_partition.setdefault(partition, []).append(key)
+            by_partition.setdefault(partition, []).append(key)
         hits, failed = 0, set()
         for partition, names in by_partition.items():
             evicted = self._evicted.get(partition, {})
-            found = [(name, evicted.pop(name)) for name in names if name in evicted]
+            found = [(name, evicted.pop(name)) for name in names if name in evicted]  # newer than any drop
             here = {name for name, _ in found}
+            wanted = [name for name in names if name not in here and not self.table.dropped((partition, name))]
             try:
-                stored = self.stores.fetch(partition, [name for name in names if name not in here])
+                stored = self.stores.fetch(partition, wanted)
             except StoreError:
                 failed.add(partition)
                 continue
@@ -134,8 +136,9 @@ class ResidentKeys:
                     entries[key] = e._replace(dirty=False, seq=seq)
                 elif e.seq <= written[partition]:
                     del entries[key]  # the store has it now
-        for (partition, key), _ in changes.dropped:
-            self._evicted.setdefault(partition, {})[key] = _Evicted(None, False, seq)
+        for (partition, key), _ in changes.dropped:  # unless seen again since: resident, or evicted again
+            if self.table.row((partition, key)) is None:
+                self._evicted.setdefault(partition, {}).setdefault(key, _Evicted(None, False, seq))
         return changes
 
     def load_restored(self, partition: int, state: Rows, entries: Iterable[Entry], seq: int) -> None:

@@ -148,7 +148,8 @@ class StateTable:
 
     def touch(self, keys: Sequence[StateKey]) -> list[StateKey]:
         """Mark the keys held as used now; returns the others, each once, in order."""
-        held, missing = [], {}
+        held: list[int] = []
+        missing: dict[StateKey, None] = {}
         for key in keys:
             row = self._rows.get(key)
             if row is None:
@@ -326,7 +327,7 @@ class StateTable:
         self._dirty, self._dropped = set(), {}
         return Changes(dropped, changed)
 
-    def load(self, state: Rows, seq: int = 0, dirty: np.ndarray | None = None) -> None:
+    def load(self, state: Rows, seq: int | np.ndarray = 0, dirty: np.ndarray | None = None) -> None:
         """Install restored (or fetched) keys, replacing whatever the table held for them; they count as
         unchanged, taken by take `seq`, except those `dirty` marks changed."""
         needed = len(self._rows) + len(state.keys)
