@@ -121,23 +121,27 @@ def assert_exact(tmp_path, model_dir, events: list[dict], found: dict[int, list[
     return duplicates
 
 
-@pytest.mark.parametrize("guarantee,state_dir", [("at_least_once", "kept"), ("exactly_once", "kept"),
-                                                 ("at_least_once", "new")])
+@pytest.mark.parametrize("guarantee,state_dir,resident", [("at_least_once", "kept", 100), ("exactly_once", "kept", 0),
+                                                          ("at_least_once", "new", 0)])
 def test_kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice(tmp_path, broker, model_dir,
-                                                                            daemon_factory, guarantee, state_dir):
+                                                                            daemon_factory, guarantee, state_dir,
+                                                                            resident):
     """Restarted on the same state.dir (its local stores, torn or behind, and the changelog after them)
-    or as a new pod (the whole changelog)."""
+    or as a new pod (the whole changelog); `resident`: state.max_resident_keys, a quarter of the keys,
+    so keys are evicted to the local stores and fetched back all along."""
     events = make_events(5_000, 400, seed=11)
+    bound = {"state__max_resident_keys": resident, "kafka__max_poll_records": resident} if resident else {}
     daemon = daemon_factory(kafka__processing_guarantee=guarantee, kafka__transactional_id=unique("txn"),
-                            kafka__session_timeout_ms=REBALANCE_SESSION_MS)
+                            kafka__session_timeout_ms=REBALANCE_SESSION_MS, **bound)
     prepare(daemon)
     feeder = Feeder(broker.bootstrap, daemon.topic, events, per_second=250)  # about as long as 5 kills
     rng = random.Random(5)
     daemon.start()
     feeder.start()
-    kills = 0
+    kills, fetched = 0, 0.0
     while feeder.is_alive() or kills < 5:
         time.sleep(rng.uniform(0.5, 2.5))
+        fetched += daemon_metric(daemon, "streamlstm_fetched_keys_total", '{result="hit"}')
         daemon.kill()  # SIGKILL: no checkpoint, no leaving the group
         kills += 1
         daemon = (daemon if state_dir == "kept" else daemon.replica()).start()
@@ -146,6 +150,8 @@ def test_kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice(tmp_pa
     duplicates = assert_exact(tmp_path, model_dir, events, found)
     source = '{source="local"}' if state_dir == "kept" else '{source="changelog"}'
     assert kills >= 5 and daemon_metric(daemon, "streamlstm_restored_keys_total", source) > 0
+    if resident:
+        assert fetched > 0 and daemon_metric(daemon, "streamlstm_live_keys") <= resident
     if guarantee == "at_least_once":
         assert duplicates > 0, "the crashes must have made the daemon repeat some work"
     elif duplicates:
