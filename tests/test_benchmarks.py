@@ -75,3 +75,14 @@ def test_the_soak_verdict_fails_on_growth_after_the_warm_up():
     assert not verdict(samples(threads=lambda t: 9 + t // 300), 600)["passed"]
     assert not verdict(samples(live=lambda t: 5000 + t * 2), 600)["passed"]  # keys that never expire
     assert not verdict(samples(), 1800)["passed"]  # nothing after the warm-up: no verdict
+
+
+def test_resident_reports_rate_fetches_and_memory_against_the_bound(tmp_path):
+    report = run_benchmark("resident_bench.py", tmp_path / "resident.json", "--keys", "4000", "--resident", "500",
+                           "--hidden", "8", "--poll", "200", "--checkpoint-events", "1000", "--measure-events", "3000",
+                           "--dir", str(tmp_path))
+    load, zipf, uniform = (report["phases"][name] for name in ("load", "zipf", "uniform"))
+    assert load["new"] == 4000 and load["fetched"] == 0  # every key once: nothing to fetch yet
+    assert uniform["fetched"] > 2000 and uniform["new"] == 0 and uniform["admit_us_per_missed_key"] > 0
+    assert all(p["resident"] <= 500 and p["events_per_s"] > 0 for p in (load, zipf, uniform))
+    assert report["resident_state_bytes"] == 500 * 2 * 2 * 8 * 4 and report["rss_before_keys_bytes"] > 0
