@@ -29,6 +29,7 @@ from ..model.predictor import StreamingPredictor, resolve_device
 from ..model.reload import ModelWatcher
 from ..transport import open_changelog, open_transport, prepare_topics
 from ..transport.api import Failure, Record, TopicPartition, Transport, TransportError
+from .backoff import BACKOFF_MAX_S, Backoff
 from .checkpoint import Checkpointer, Outcome
 from .http_server import HttpServer
 from .metrics import Metrics, observe_many
@@ -40,28 +41,9 @@ from .watchdog import ProgressWatchdog, Verdict
 
 log = logging.getLogger("streamlstm.daemon")  # a stable name: operators query logs by it (README)
 
-BACKOFF_MAX_S = 30
 # While a checkpoint is under way, each pass of the loop sends at least this many state records (about
 # 5 ms of kafka-python sends), and at least as many as it handled events, so checkpoints keep pace.
 STATE_RECORDS_PER_POLL = 128
-
-
-class Backoff:
-    """Waits of 1, 2, 4 … up to 30 s between tries of something failing, from 1 s again after a success."""
-
-    def __init__(self) -> None:
-        self.delay = 0.0
-
-    @property
-    def failing(self) -> bool:
-        return self.delay > 0
-
-    def next(self) -> float:
-        self.delay = min(max(2 * self.delay, 1.0), BACKOFF_MAX_S)
-        return self.delay
-
-    def reset(self) -> None:
-        self.delay = 0.0
 
 
 def leaving(group_instance_id: str, session_timeout_ms: int) -> str:
