@@ -16,7 +16,6 @@ import logging
 import queue
 import sqlite3
 import threading
-import time
 import uuid
 import zlib
 from collections.abc import Iterable
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 SCHEMA = 1
 Entry = tuple[str, bytes | None]  # key, changelog value (None: dropped)
 FETCH_CHUNK = 500  # keys per SELECT of a fetch (SQLite's limit on bound parameters is far above)
-COUNT_EVERY_S = 10.0  # how often the writer counts a partition's stored keys (a scan of the store)
 
 
 class StoreError(Exception):
@@ -64,6 +62,7 @@ class PartitionStore:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None  # for fetches, beside the writer's: WAL lets both work
+        self.stored: int | None = None  # keys in it after the last write (None: not counted yet)
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
@@ -111,10 +110,9 @@ class PartitionStore:
         try:
             if self._reader is None:
                 self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            for i in range(0, len(keys), FETCH_CHUNK):
-                chunk = keys[i:i + FETCH_CHUNK]
-                query = f"SELECT key, value, crc FROM state WHERE key IN ({','.join('?' * len(chunk))})"
-                for key, value, crc in self._reader.execute(query, chunk):
+            for marks, chunk in _chunks(keys):
+                for key, value, crc in self._reader.execute(f"SELECT key, value, crc FROM state WHERE key IN ({marks})",
+                                                            chunk):
                     if _checksum(key, value) != crc:
                         raise StoreError(f"{self.path}: the record of key {key!r} fails its checksum")
                     found[key] = value
@@ -122,22 +120,26 @@ class PartitionStore:
             raise StoreError(f"{self.path}: unreadable ({exc})") from exc
         return found
 
-    def count(self) -> int:
-        return self._connection().execute("SELECT count(*) FROM state").fetchone()[0]
-
     def write(self, entries: Iterable[Entry], meta: StoreMeta, replace: bool) -> None:
-        """One transaction: all of it or, after a crash, none of it. `replace`: the entries are all there is."""
+        """One transaction: all of it or, after a crash, none of it. `replace`: the entries are all there is.
+        Keeps `stored` up to date from the keys each write adds and deletes (one scan to start from)."""
         db = self._connection()
+        stored = self.stored
         db.execute("BEGIN")
         try:
             if replace:
                 db.execute("DELETE FROM state")
+                stored = 0
+            elif stored is None:
+                stored = db.execute("SELECT count(*) FROM state").fetchone()[0]
             # Each key's last entry (a key changed and then dropped, or dropped and seen again, ends as its
             # last says), in key order: rows rewritten in B-tree order cost half what event order costs.
             latest = sorted(dict(entries).items())
             dropped = [(key,) for key, value in latest if value is None]
             live = [(key, value, _checksum(key, value)) for key, value in latest if value is not None]
-            db.executemany("DELETE FROM state WHERE key = ?", dropped)
+            present = sum(db.execute(f"SELECT count(*) FROM state WHERE key IN ({marks})", chunk).fetchone()[0]
+                          for marks, chunk in _chunks([key for key, _, _ in live]))  # the pages the inserts touch
+            stored += len(live) - present - db.executemany("DELETE FROM state WHERE key = ?", dropped).rowcount
             db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", live)
             db.execute("DELETE FROM meta")
             db.execute("INSERT INTO meta VALUES (?, ?, ?, ?, ?, ?, ?)", (SCHEMA, *meta))
@@ -146,9 +148,11 @@ class PartitionStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self.stored = stored
 
     def remove(self) -> None:
         self.close()
+        self.stored = None
         for suffix in ("", "-wal", "-shm"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
@@ -200,8 +204,7 @@ class LocalStores:
         self._queue: queue.Queue[tuple[int, list[Entry], StoreMeta, bool, set[int]] | None] = queue.Queue()
         self._seq = 0
         self._outstanding: dict[int, set[int]] = {}  # per partition, the takes whose changes are not written
-        self._lock = threading.Lock()  # for _outstanding, _counts and failures, shared with the writer
-        self._counts: dict[int, tuple[int, float]] = {}  # stored keys, and when counted
+        self._lock = threading.Lock()  # for _outstanding and failures, shared with the writer
         self.failures: set[int] = set()  # partitions whose store failed: what it held is gone
         self._thread = threading.Thread(target=self._write_all, name="local-store-writer", daemon=True)
         self._thread.start()
@@ -256,7 +259,6 @@ class LocalStores:
             self._held.pop(partition, None)
             with self._lock:
                 self._outstanding.pop(partition, None)
-                self._counts.pop(partition, None)
 
     def hold(self, partition: int, entries: list[Entry], seq: int) -> None:
         """Changes sent to the changelog without a commit: written with the partition's next checkpoint."""
@@ -282,9 +284,8 @@ class LocalStores:
         self._queue.put((partition, held + entries, meta, False, seqs | {seq}))
 
     def stored_keys(self) -> int:
-        """Keys in the stores, as last counted (each partition's count at most COUNT_EVERY_S old while written)."""
-        with self._lock:
-            return sum(count for count, _ in self._counts.values())
+        """Keys in the stores of this daemon's partitions, as of their last writes."""
+        return sum(self.store(p).stored or 0 for p in list(self._meta))
 
     def take_failures(self) -> set[int]:
         with self._lock:
@@ -301,15 +302,9 @@ class LocalStores:
         while (job := self._queue.get()) is not None:
             partition, entries, meta, replace, seqs = job
             try:
-                store = self.store(partition)
-                store.write(entries, meta, replace)
+                self.store(partition).write(entries, meta, replace)
                 with self._lock:
                     self._outstanding.get(partition, set()).difference_update(seqs)
-                counted = self._counts.get(partition)
-                if counted is None or replace or time.monotonic() - counted[1] > COUNT_EVERY_S:
-                    count = store.count()
-                    with self._lock:
-                        self._counts[partition] = (count, time.monotonic())
             except (sqlite3.Error, OSError) as exc:
                 log.error("partition %d: local store write failed (%s); it is removed and the partition will "
                           "restore from the changelog next time", partition, exc)
@@ -317,7 +312,6 @@ class LocalStores:
                 self.store(partition).remove()
                 with self._lock:
                     self.failures.add(partition)
-                    self._counts.pop(partition, None)
             finally:
                 self._queue.task_done()
         self._queue.task_done()
@@ -329,6 +323,13 @@ class LocalStores:
         for store in self._stores.values():
             store.close()
         self._dir_lock.close()
+
+
+def _chunks(keys: list[str]) -> Iterable[tuple[str, list[str]]]:
+    """`keys` in chunks for `key IN (...)`, each with its placeholders."""
+    for i in range(0, len(keys), FETCH_CHUNK):
+        chunk = keys[i:i + FETCH_CHUNK]
+        yield ",".join("?" * len(chunk)), chunk
 
 
 def _lock(directory: Path) -> IO[bytes]:
