@@ -264,8 +264,10 @@ def local_store(table: StateTable, keys: list[StateKey], partitions: int, cut: i
         stores.establish(p, changes, meta, replace=True)
     stores.wait()
     t1 = time.perf_counter()
+    seq = stores.issue()
+    stores.taken(seq, entries)
     for p, changes in entries.items():
-        stores.submit(p, changes, (layers, hidden, MODEL_VERSION), cut, None, stores.issue())
+        stores.submit(p, changes, (layers, hidden, MODEL_VERSION), cut, None, seq)
     stores.wait()
     t2 = time.perf_counter()
     size = stores.size()

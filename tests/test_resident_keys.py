@@ -6,12 +6,14 @@ restarts on the same state.dir and restores by a new owner. The broker tests are
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
 from test_checkpoint_and_restore import P0, P1, KeyState, Node
 
 from streamlstm.config import ConfigError, load_config
+from streamlstm.state.store import PartitionStore
 
 BOUND = 8
 
@@ -159,3 +161,23 @@ def test_a_bound_below_a_polls_records_stops_startup_naming_both_keys() -> None:
         load_config(overrides=["state.max_resident_keys=100", "kafka.max_poll_records=500"], environ={})
     assert load_config(overrides=["state.max_resident_keys=500", "kafka.max_poll_records=500"],
                        environ={}).state.max_resident_keys == 500
+
+
+def test_evicting_faster_than_the_store_writes_waits_for_it(monkeypatch) -> None:
+    """Keys evicted before their checkpoint reached the store are held in memory; past 1/8 of the bound
+    the daemon waits for the store's writer instead of holding more (back pressure)."""
+    write = PartitionStore.write
+
+    def slow_write(self, *args, **kwargs):
+        time.sleep(0.2)
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(PartitionStore, "write", slow_write)
+    n = Node(max_resident_keys=16)
+    n.assign({P0})
+    for offset in range(16):
+        n.step(0, f"old{offset}", offset)
+    n.checkpointer.checkpoint()  # taken and committed; the store write takes 0.2 s
+    n.resident.admit([(0, f"new{i}") for i in range(16)])  # evicts all 16, none in the store yet
+    assert n.resident.evicted_pending() <= 16 // 8
+    assert all_states(n, [(0, "old3")])[(0, "old3")][2:4] == (1, 3)

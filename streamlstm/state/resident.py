@@ -23,6 +23,7 @@ from .store import Entry, LocalStores, StoreError
 from .table import Changes, Rows, StateKey, StateTable
 
 EVICT_SLACK = 16  # evict 1/16 of the bound beyond what a batch needs: the LRU scan is then rare
+WAITING_SHARE = 8  # once evicted keys waiting for the store pass 1/8 of the bound, wait for its writer
 
 
 class _Evicted(NamedTuple):
@@ -75,6 +76,9 @@ class ResidentKeys:
             held = len(set(keys)) - len(missing)  # just touched: the newest, never among the evicted
             evicted = self.evict(min(over + self.limit // EVICT_SLACK, len(self.table) - held))
         hits, failed = self._fetch(missing)
+        if self.evicted_pending() > self.limit // WAITING_SHARE:
+            self.stores.wait()  # back pressure: evicting faster than the store takes them grows memory
+            self._settle()
         return Admitted(evicted, hits, len(missing) - hits, time.perf_counter() - started, failed)
 
     def evict(self, count: int) -> int:
@@ -128,18 +132,23 @@ class ResidentKeys:
         changes = self.table.take_changes(seq)
         if not self.limit:
             return changes
-        written = {partition: self.stores.written(partition) for partition in self._evicted}
+        self._settle()
         for partition, entries in self._evicted.items():
-            for key, e in list(entries.items()):
+            for key, e in entries.items():
                 if e.dirty:
                     changes.encoded.append(((partition, key), e.value))  # type: ignore[arg-type]
                     entries[key] = e._replace(dirty=False, seq=seq)
-                elif e.seq <= written[partition]:
-                    del entries[key]  # the store has it now
         for (partition, key), _ in changes.dropped:  # unless seen again since: resident, or evicted again
             if self.table.row((partition, key)) is None:
                 self._evicted.setdefault(partition, {}).setdefault(key, _Evicted(None, False, seq))
         return changes
+
+    def _settle(self) -> None:
+        """Forget the evicted keys whose store has their state now."""
+        for partition, entries in self._evicted.items():
+            written = self.stores.written(partition)
+            for key in [key for key, e in entries.items() if not e.dirty and e.seq <= written]:
+                del entries[key]
 
     def load_restored(self, partition: int, state: Rows, entries: Iterable[Entry], seq: int) -> None:
         """A restored partition's keys: all resident within the bound, else the most recent (by offset) that

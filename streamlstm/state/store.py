@@ -224,16 +224,25 @@ class LocalStores:
         return self.store(partition).fetch(keys)
 
     def issue(self) -> int:
-        """The number of a new take of changes, higher than any before."""
+        """The number of a new take of changes, higher than any before; until `taken` says which partitions
+        it took changes of, it counts as not written for every partition."""
+        seq = self._next_seq()
+        with self._lock:
+            for partition in self._meta:
+                self._outstanding.setdefault(partition, set()).add(seq)
+        return seq
+
+    def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
     def taken(self, seq: int, partitions: Iterable[int]) -> None:
-        """Take `seq` took changes of `partitions`: they are not in the stores until written."""
+        """Take `seq` took changes of `partitions` (only): those are not in the stores until written."""
+        took = set(partitions)
         with self._lock:
-            for partition in partitions:
-                if partition in self._meta:
-                    self._outstanding.setdefault(partition, set()).add(seq)
+            for partition, outstanding in self._outstanding.items():
+                if partition not in took:
+                    outstanding.discard(seq)
 
     def written(self, partition: int) -> int:
         """Every change of `partition` taken by a take up to this number is in its store."""
@@ -246,7 +255,7 @@ class LocalStores:
         the take number of the write."""
         self._held.pop(partition, None)
         self._meta[partition] = meta
-        seq = self.issue()
+        seq = self._next_seq()
         with self._lock:
             self._outstanding[partition] = {seq}
         self._queue.put((partition, entries, meta, replace, {seq}))
