@@ -169,3 +169,14 @@ def test_rows_decode_each_kept_record_as_it_was_written():
         h, c = np.frombuffer(value, "<f4", offset=changelog.HEADER.size).reshape(2, 2, 3)
         assert np.array_equal(state.h[:, i], h) and np.array_equal(state.c[:, i], c)
         assert (state.steps[i], state.offsets[i], state.times[i]) == (steps, offset, time)
+
+
+def test_encoding_in_chunks_gives_each_row_the_value_it_gets_alone(monkeypatch):
+    rng = np.random.default_rng(3)
+    n = 10
+    rows = Rows([(0, f"k{i}") for i in range(n)], rng.standard_normal((2, n, 3), dtype=np.float32),
+                rng.standard_normal((2, n, 3), dtype=np.float32), np.arange(n) + 1, np.arange(n) * 7, np.arange(n) * 11)
+    alone = [changelog.encode(Rows([rows.keys[i]], rows.h[:, i:i + 1], rows.c[:, i:i + 1], rows.steps[i:i + 1],
+                                   rows.offsets[i:i + 1], rows.times[i:i + 1]), "v1")[0] for i in range(n)]
+    monkeypatch.setattr(changelog, "ENCODE_CHUNK", 3)
+    assert changelog.encode(rows, "v1") == alone

@@ -73,20 +73,27 @@ def _version_field(model_version: str) -> bytes:
     return model_version.encode("ascii")[:16].ljust(16)
 
 
+ENCODE_CHUNK = 8192  # rows built per buffer: a checkpoint of a million keys needs no second gigabyte
+
+
 def encode(rows: Rows, model_version: str) -> list[bytes]:
-    """One changelog value per key of `rows`, all built at once in one buffer (a checkpoint encodes
-    thousands), each field written through a view of its columns."""
+    """One changelog value per key of `rows`, built ENCODE_CHUNK at a time in one buffer (a checkpoint
+    encodes thousands), each field written through a view of its columns."""
     layers, n, hidden = rows.h.shape
     size = HEADER.size + 8 * layers * hidden  # a multiple of 8: the int64 and float32 views are aligned
-    out = np.empty((n, size), np.uint8)
-    out[:, :8] = np.frombuffer(HEADER.pack(MAGIC, FORMAT, layers, hidden, 0, 0, 0, b"")[:8], np.uint8)
-    out[:, 32:HEADER.size] = np.frombuffer(_version_field(model_version), np.uint8)
-    words = out.view("<i8")
-    words[:, 1], words[:, 2], words[:, 3] = rows.steps, rows.offsets, rows.times
-    floats = out.view("<f4")[:, HEADER.size // 4 :].reshape(n, 2, layers, hidden)
-    floats[:, 0], floats[:, 1] = rows.h.transpose(1, 0, 2), rows.c.transpose(1, 0, 2)
-    rows_ = out.reshape(-1).data  # copied once, each row into its value: not the whole buffer first
-    return [rows_[i : i + size].tobytes() for i in range(0, n * size, size)]
+    values: list[bytes] = []
+    for start in range(0, n, ENCODE_CHUNK):
+        part = slice(start, min(start + ENCODE_CHUNK, n))
+        out = np.empty((part.stop - start, size), np.uint8)
+        out[:, :8] = np.frombuffer(HEADER.pack(MAGIC, FORMAT, layers, hidden, 0, 0, 0, b"")[:8], np.uint8)
+        out[:, 32:HEADER.size] = np.frombuffer(_version_field(model_version), np.uint8)
+        words = out.view("<i8")
+        words[:, 1], words[:, 2], words[:, 3] = rows.steps[part], rows.offsets[part], rows.times[part]
+        floats = out.view("<f4")[:, HEADER.size // 4 :].reshape(len(out), 2, layers, hidden)
+        floats[:, 0], floats[:, 1] = rows.h[:, part].transpose(1, 0, 2), rows.c[:, part].transpose(1, 0, 2)
+        flat = out.reshape(-1).data  # copied once, each row into its value: not the whole buffer first
+        values += [flat[i : i + size].tobytes() for i in range(0, len(out) * size, size)]
+    return values
 
 
 def owner_marker(owner: str) -> bytes:

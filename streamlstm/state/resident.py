@@ -53,6 +53,7 @@ class ResidentKeys:
         self.accepts = accepts
         self.version = version
         self._evicted: dict[int, dict[str, _Evicted]] = {}
+        table.max_rows = limit
 
     def __len__(self) -> int:
         return len(self.table)

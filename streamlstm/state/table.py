@@ -70,6 +70,7 @@ class StateTable:
         self._dirty: set[int] = set()
         self._dropped: dict[StateKey, int] = {}  # since the last take, each key's last drop
         self._tick = 0
+        self.max_rows = 0  # the most rows growing goes to when they suffice (a bound on resident keys); 0: none
         self.storage_generation = 0
         self._allocate(num_layers, hidden_size)
         self.steps = torch.zeros(capacity, dtype=torch.int64)
@@ -180,7 +181,7 @@ class StateTable:
 
     def _admit(self, key: StateKey) -> int:
         if not self._free:
-            self._grow(2 * len(self._keys))
+            self._grow(self._capacity_for(len(self._keys) + 1))
         row = self._free.pop()
         self._rows[key] = row
         self._keys[row] = key
@@ -196,6 +197,11 @@ class StateTable:
         self.offsets[rows] = -1
         self.times[rows] = 0
         self.taken[rows] = 0
+
+    def _capacity_for(self, needed: int) -> int:
+        """Doubling (amortised O(1) per key), but not past `max_rows` when that is enough."""
+        doubled = max(needed, 2 * len(self._keys))
+        return min(doubled, max(needed, self.max_rows)) if self.max_rows else doubled
 
     def _grow(self, capacity: int) -> None:
         """Grow to `capacity` rows (admitting doubles it: amortised O(1) per key)."""
@@ -332,7 +338,7 @@ class StateTable:
         unchanged, taken by take `seq`, except those `dirty` marks changed."""
         needed = len(self._rows) + len(state.keys)
         if needed > len(self._keys):
-            self._grow(max(needed, 2 * len(self._keys)))  # a restore loads partition after partition
+            self._grow(self._capacity_for(needed))  # a restore loads partition after partition
         rows = self._admit_all(state.keys)
         idx = rows.to(self.device)
         self._h.index_copy_(1, idx, torch.from_numpy(state.h).to(self.device))
