@@ -110,15 +110,22 @@ def test_evicted_changes_reach_the_changelog_and_a_restore_keeps_only_the_bound_
         bounded = again
 
 
-def test_a_key_dropped_while_its_old_state_is_in_the_store_comes_back_from_zero() -> None:
+def evicted_to_the_store(first: str, then: str) -> Node:
+    """A node holding 2 keys: events of the keys `first`, a checkpoint into the store, then events of the
+    keys `then` that evict them (offsets 0, 1, … in that order)."""
     n = Node(max_resident_keys=2)
     n.assign({P0})
-    n.step(0, "a", 0)
-    n.step(0, "a", 1)
+    for offset, key in enumerate(first):
+        n.step(0, key, offset)
     n.checkpointer.checkpoint()
     n.stores.wait()
-    n.step(0, "b", 2)
-    n.step(0, "c", 3)  # "a" evicted: its state is in the store
+    for offset, key in enumerate(then, start=len(first)):
+        n.step(0, key, offset)
+    return n
+
+
+def test_a_key_dropped_while_its_old_state_is_in_the_store_comes_back_from_zero() -> None:
+    n = evicted_to_the_store("aa", "bc")  # "a" evicted: its state is in the store
     n.end(0, "a", 4)  # fetched, then dropped: the store still has its state until the tombstone is written
     n.step(0, "b", 5)
     n.step(0, "c", 6)
@@ -131,14 +138,7 @@ def test_a_key_dropped_while_its_old_state_is_in_the_store_comes_back_from_zero(
 
 
 def test_a_store_that_cannot_be_read_is_reported_and_nothing_is_loaded_from_it() -> None:
-    n = Node(max_resident_keys=2)
-    n.assign({P0})
-    n.step(0, "a", 0)
-    n.step(0, "b", 1)
-    n.checkpointer.checkpoint()
-    n.stores.wait()
-    n.step(0, "c", 2)
-    n.step(0, "d", 3)  # a and b evicted, their state only in the store
+    n = evicted_to_the_store("ab", "cd")  # a and b evicted, their state only in the store
     n.stores.store(0).close()  # (its last connection closed: the WAL is folded into the file)
     n.stores.store(0).path.write_bytes(b"not a database" * 100)
     admitted = n.resident.admit([(0, "a")])
