@@ -123,3 +123,14 @@ def test_librdkafka_clients_report_a_certificate_failure_once(tls, caplog, capfd
 
 def refusals(terminator: TlsTerminator) -> int:
     return terminator.log_file.read_text(errors="replace").count(REFUSED)
+
+
+def test_each_form_of_a_failed_handshake_is_recognised_and_nothing_else():
+    from streamlstm.transport.clients import tls_failure_kind
+
+    verify = "certificate verify failed"
+    assert tls_failure_kind("SSL handshake failed: ssl/statem: certificate verify failed: broker certificate") == verify
+    assert tls_failure_kind("ssl://127.0.0.1:1/bootstrap: error:0A000086:SSL routines::certificate verify failed "
+                            "(after 2ms in state SSL_HANDSHAKE)") == verify
+    assert tls_failure_kind("Handshake failed: [SSL: WRONG_VERSION_NUMBER] wrong version number") == "handshake failed"
+    assert tls_failure_kind("ssl://127.0.0.1:1/bootstrap: Connection refused (after 0ms in state CONNECT)") is None

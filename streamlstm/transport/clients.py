@@ -62,11 +62,12 @@ _tls_reported: set[tuple[str, str]] = set()
 
 def tls_failure_kind(message: str) -> str | None:
     """The TLS_HINTS key of a client's log line or error about a failed TLS handshake (kafka-python: "Handshake
-    failed: [SSL: ...", librdkafka: "SSL handshake failed: ..."), None for anything else."""
+    failed: [SSL: ...", librdkafka: "SSL handshake failed: ..." or, now and then, OpenSSL's own "error:...:
+    SSL routines::certificate verify failed (after 2ms in state SSL_HANDSHAKE)"), None for anything else."""
     lowered = message.lower()
-    if "ssl" not in lowered or "handshake failed" not in lowered:
+    if "ssl" not in lowered or ("handshake failed" not in lowered and "state ssl_handshake" not in lowered):
         return None
-    return next(kind for kind in TLS_HINTS if kind in lowered)
+    return next((kind for kind in TLS_HINTS if kind in lowered), "handshake failed")
 
 
 def tls_failure(cfg: KafkaConfig, message: str) -> bool:
