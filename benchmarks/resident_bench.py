@@ -8,9 +8,13 @@ per checkpoint (every --checkpoint-events events) a take of changes (Checkpointe
 take_changes, changelog.encode) submitted to the local stores as a committed checkpoint would be. No
 Kafka: a broker on the same two cores could not hold a changelog of ten million keys (11 GB) in memory,
 and its cost per event is measured by e2e_bench.py. Phases: `load` (every key once, in order: the
-stores fill), then `zipf` (Zipf(1.1) keys) and `uniform` (uniform keys over all of them). Reported per
+stores fill), then `zipf` (Zipf(1.1) keys) and `uniform` (uniform keys over all of them), then
+`restore`: a fresh process (as a restarted pod) restores every partition from the local stores as
+Restorer does with no changelog tail (read, fold, establish, load within the bound). Reported per
 phase: events/s, the missed keys fetched back and the cost of admit per missed key; RSS at the end of
 each phase against the resident bound's h and c bytes; the local stores' size.
+
+    python benchmarks/resident_bench.py --keys 1000000 --resident 0   # issue 21's RSS per resident key
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +41,7 @@ from step_bench import make_model  # noqa: E402
 from streamlstm.model.artifact import Artifact  # noqa: E402
 from streamlstm.model.predictor import StreamingPredictor  # noqa: E402
 from streamlstm.state import changelog  # noqa: E402
+from streamlstm.state.changelog import PartitionRestore  # noqa: E402
 from streamlstm.state.resident import ResidentKeys  # noqa: E402
 from streamlstm.state.store import LocalStores, StoreMeta  # noqa: E402
 
@@ -57,13 +63,13 @@ def key_ids(phase: str, events: int, keys: int, start: int, rng: np.random.Gener
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, directory: Path) -> None:
+    def __init__(self, args: argparse.Namespace, directory: Path, establish: bool = True) -> None:
         self.args = args
         self.predictor = StreamingPredictor(Artifact(make_model(args.hidden, args.layers), VERSION, {}, Path(".")), CPU)
         self.stores = LocalStores(directory, "bench")
         self.resident = ResidentKeys(self.predictor.table, self.stores, args.resident,
                                      (args.layers, args.hidden, None), VERSION)
-        for p in range(args.partitions):
+        for p in range(args.partitions if establish else 0):
             self.stores.establish(p, [], StoreMeta(self.stores.owner, args.layers, args.hidden, VERSION, 0, 0), True)
         self.offset = 0
         self.since_checkpoint = 0
@@ -117,6 +123,31 @@ class Bench:
         return figures
 
 
+def restore(args: argparse.Namespace, directory: Path) -> dict[str, float]:
+    """A restarted pod's restore from its local stores (Restorer._seed and _finish, no changelog tail)."""
+    bench = Bench(args, directory, establish=False)
+    baseline = rss_bytes()
+    started = time.perf_counter()
+    accepts = (args.layers, args.hidden, None)
+    for p in range(args.partitions):
+        stored = bench.stores.read(p)
+        assert stored is not None, f"no local store of partition {p} in {directory}"
+        fold = PartitionRestore(p, cut=stored.meta.input_offset)
+        fold.seed(bench.stores.owner, stored.keys, stored.values)
+        del stored
+        state, _ = fold.rows(*accepts)
+        entries = fold.entries()
+        seq = bench.stores.establish(p, entries, StoreMeta(bench.stores.owner, args.layers, args.hidden, VERSION,
+                                                           fold.cut, 0), replace=False)
+        bench.resident.load_restored(p, state, entries, seq)
+        del fold, state, entries
+    bench.stores.wait()
+    figures = {"keys": len(bench.predictor.table), "seconds": round(time.perf_counter() - started, 1),
+               "rss_before_keys_bytes": baseline, "rss_bytes": rss_bytes()}
+    bench.stores.close()
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keys", type=int, default=1_000_000)
@@ -130,8 +161,12 @@ def main() -> None:
     parser.add_argument("--measure-events", type=int, default=1_000_000, help="events of the zipf and uniform phases")
     parser.add_argument("--dir", default="", help="where the local stores go (default: a temporary directory)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--restore-from", type=Path, help=argparse.SUPPRESS)  # the restore phase's own process
     args = parser.parse_args()
     torch.set_num_threads(1)  # the daemon's model.cpu_threads default
+    if args.restore_from:
+        print(json.dumps(restore(args, args.restore_from)))
+        return
     with tempfile.TemporaryDirectory(prefix="resident-bench-", dir=args.dir or None) as directory:
         bench = Bench(args, Path(directory))
         baseline = rss_bytes()
@@ -139,14 +174,21 @@ def main() -> None:
         for name in ("zipf", "uniform"):
             phases[name] = bench.phase(name, args.measure_events)
         bench.stores.close()
+        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--restore-from", directory], check=True,
+                              capture_output=True, text=True)
+        phases["restore"] = json.loads(done.stdout.splitlines()[-1])
+        print("restore", json.dumps(phases["restore"]), flush=True)
     state_bytes = (args.resident or args.keys) * 2 * args.layers * args.hidden * 4
     peak = max(p["rss_bytes"] for p in phases.values())
+    per_key = {name: round((p["rss_bytes"] - p.get("rss_before_keys_bytes", baseline)) / (args.resident or args.keys), 1)
+               for name, p in phases.items()}
     report = {"benchmark": "resident", "command": shlex.join([sys.executable, *sys.argv]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "parameters": {k: v for k, v in vars(args).items() if k != "out"}, "phases": phases,
               "rss_before_keys_bytes": baseline, "resident_state_bytes": state_bytes,
               "rss_over_bound_bytes": peak - state_bytes,
-              "rss_over_bound_per_resident_key": round((peak - baseline - state_bytes) / (args.resident or args.keys), 1)}
+              "rss_over_bound_per_resident_key": round((peak - baseline - state_bytes) / (args.resident or args.keys), 1),
+              "rss_per_resident_key_by_phase": per_key}
     print(json.dumps({k: v for k, v in report.items() if k not in ("phases", "machine")}, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")

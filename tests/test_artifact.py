@@ -2,14 +2,13 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import make_model
 from test_config import DOCUMENTED
 
+from streamlstm.cli import main
 from streamlstm.model.artifact import (
     META_FILE,
     WEIGHTS_FILE,
@@ -86,15 +85,15 @@ def _damage(path, fault):
     ("duplicate_features", META_FILE, "distinct names"),
     ("nan_weights", WEIGHTS_FILE, "NaN or infinite"),
 ])
-def test_each_fault_stops_startup_naming_the_file(tmp_path, fault, file, words):
+def test_each_fault_stops_startup_naming_the_file(tmp_path, capsys, fault, file, words):
+    """`serve` in this process (tests/test_config.py starts it as a process: the exit code is the same)."""
     path = make_model(tmp_path / "m")
     _damage(path, fault)
     named = str(path / file).rstrip("/")
     with pytest.raises(ArtifactError) as err:
         load_artifact(path)
     assert named in str(err.value) and words in str(err.value)
-    result = subprocess.run(
-        [sys.executable, "-m", "streamlstm", "serve", "--config", str(DOCUMENTED),
-         "--set", f"model.path={path}", "--set", "model.device=cpu"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2, result.stderr
-    assert named in result.stderr and words in result.stderr and "Traceback" not in result.stderr
+    capsys.readouterr()
+    assert main(["serve", "--config", str(DOCUMENTED), "--set", f"model.path={path}", "--set", "model.device=cpu"]) == 2
+    stderr = capsys.readouterr().err
+    assert named in stderr and words in stderr and "Traceback" not in stderr

@@ -86,3 +86,5 @@ def test_resident_reports_rate_fetches_and_memory_against_the_bound(tmp_path):
     assert uniform["fetched"] > 2000 and uniform["new"] == 0 and uniform["admit_us_per_missed_key"] > 0
     assert all(p["resident"] <= 500 and p["events_per_s"] > 0 for p in (load, zipf, uniform))
     assert report["resident_state_bytes"] == 500 * 2 * 2 * 8 * 4 and report["rss_before_keys_bytes"] > 0
+    assert report["phases"]["restore"]["keys"] == 500  # a fresh process restored the stores within the bound
+    assert set(report["rss_per_resident_key_by_phase"]) == {"load", "zipf", "uniform", "restore"}
