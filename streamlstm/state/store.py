@@ -24,6 +24,7 @@ from typing import IO, NamedTuple
 
 from ..errors import UsageError
 from ..faults import crash_point
+from . import heap
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +324,9 @@ class LocalStores:
                     self.failures.add(partition)
             finally:
                 self._queue.task_done()
+            del job, entries  # the values die here, not at the next job
+            if self._queue.empty():
+                heap.give_back()
         self._queue.task_done()
 
     def close(self) -> None:
