@@ -131,8 +131,10 @@ ASSIGNORS = {"range": (RangePartitionAssignor,), "cooperative-sticky": (Cooperat
 
 def quiet_closing() -> None:
     """Called as a client closes, everything committed: kafka-python 3 may log a race on its own closing
-    sockets as an error."""
-    logging.getLogger("kafka.net.transport").setLevel(logging.CRITICAL)
+    sockets as an error, from its transport or (a read waiting on a socket just closed: 'Unhandled
+    exception in task', ValueError: Invalid file descriptor: -1) from its selector."""
+    for name in ("kafka.net.transport", "kafka.net.selector"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def theirs(partitions: Iterable[TopicPartition]) -> list[KafkaPartition]:
