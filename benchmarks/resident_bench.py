@@ -40,7 +40,8 @@ from step_bench import make_model  # noqa: E402
 
 from streamlstm.model.artifact import Artifact  # noqa: E402
 from streamlstm.model.predictor import StreamingPredictor  # noqa: E402
-from streamlstm.state import changelog  # noqa: E402
+from streamlstm.serving.restore import install  # noqa: E402
+from streamlstm.state import changelog, heap  # noqa: E402
 from streamlstm.state.changelog import PartitionRestore  # noqa: E402
 from streamlstm.state.resident import ResidentKeys  # noqa: E402
 from streamlstm.state.store import LocalStores, StoreMeta  # noqa: E402
@@ -135,12 +136,9 @@ def restore(args: argparse.Namespace, directory: Path) -> dict[str, float]:
         fold = PartitionRestore(p, cut=stored.meta.input_offset)
         fold.seed(bench.stores.owner, stored.keys, stored.values)
         del stored
-        state, _ = fold.rows(*accepts)
-        entries = fold.entries()
-        seq = bench.stores.establish(p, entries, StoreMeta(bench.stores.owner, args.layers, args.hidden, VERSION,
-                                                           fold.cut, 0), replace=False)
-        bench.resident.load_restored(p, state, entries, seq)
-        del fold, state, entries
+        install(fold, bench.stores, bench.resident, accepts, VERSION)
+        del fold
+    heap.give_back()  # as Restorer.step once partitions are finished
     bench.stores.wait()
     figures = {"keys": len(bench.predictor.table), "seconds": round(time.perf_counter() - started, 1),
                "rss_before_keys_bytes": baseline, "rss_bytes": rss_bytes()}

@@ -24,6 +24,7 @@ from itertools import groupby
 from operator import attrgetter
 
 from ..faults import crash_point
+from ..state import heap
 from ..state.changelog import OWNER_KEY, PartitionRestore, owner_marker
 from ..state.resident import ResidentKeys
 from ..state.store import LocalStores, StoreError, StoreMeta
@@ -33,6 +34,19 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 RESTORE_POLL_MS = 50
+
+
+def install(fold: PartitionRestore, stores: LocalStores, resident: ResidentKeys,
+            accepts: tuple[int, int, str | None], version: str) -> tuple[int, int]:
+    """A finished fold into the partition's local store and the resident keys: (keys restored, records of
+    another model's shape or version). The fold's values and their decoded copy are freed on return."""
+    state, incompatible = fold.rows(*accepts)
+    layers, hidden, _ = accepts
+    entries = fold.entries()
+    seq = stores.establish(fold.shard, entries, StoreMeta(stores.owner, layers, hidden, version, fold.cut,
+                                                          fold.next_offset), replace=fold.owner is None)
+    resident.load_restored(fold.shard, state, entries, seq)
+    return len(state.keys), incompatible
 
 
 @dataclass
@@ -148,8 +162,11 @@ class Restorer:
         if self._active:
             for partition, records in groupby(self.reader.poll(RESTORE_POLL_MS), attrgetter("partition")):
                 self._active[partition].fold.add_many(records)  # a poll's records come partition by partition
-            for partition in self.reader.caught_up() & self._active.keys():
+            finished = self.reader.caught_up() & self._active.keys()
+            for partition in finished:
                 self._finish(partition)
+            if finished:
+                heap.give_back()  # the folds' values, a kilobyte a key, are freed by now
         self.metrics.restoring.set(len(self._active))
         if self._assignments and not self.busy:
             self.restored_once = True
@@ -246,13 +263,7 @@ class Restorer:
             return
         del self._active[partition]
         self.reader.stop({partition})
-        state, incompatible = fold.rows(*self.accepts)
-        layers, hidden, _ = self.accepts
-        entries = fold.entries()
-        seq = self.stores.establish(partition, entries, StoreMeta(self.stores.owner, layers, hidden, self.version,
-                                                                  fold.cut, fold.next_offset),
-                                    replace=fold.owner is None)
-        self.resident.load_restored(partition, state, entries, seq)
+        restored, incompatible = install(fold, self.stores, self.resident, self.accepts, self.version)
         self.io.send_states(self.changelog_topic, [(partition, OWNER_KEY, owner_marker(self.stores.owner), None)])
         tp = TopicPartition(self.input_topic, partition)
         self._reflects[tp] = fold.cut
@@ -261,7 +272,7 @@ class Restorer:
         seconds = time.perf_counter() - restore.started
         m.restore_duration.observe(seconds)
         m.restores.labels(source).inc()
-        m.restored_keys.labels(source).inc(len(state.keys))
+        m.restored_keys.labels(source).inc(restored)
         m.restore_replayed.labels(source).inc(fold.replayed)
         m.restore_skipped.labels("beyond_cut").inc(fold.skipped_beyond_cut)
         m.restore_skipped.labels("incompatible").inc(incompatible)
@@ -269,7 +280,7 @@ class Restorer:
         m.live_keys.set(len(self.resident))
         m.store_bytes.set(self.stores.size())
         log.info("partition %d: restored %d keys in %.2f s from %s (%d changelog records; cut at input offset %d; "
-                 "%d records beyond it, %d of another model's shape, %d unreadable)", partition, len(state.keys),
+                 "%d records beyond it, %d of another model's shape, %d unreadable)", partition, restored,
                  seconds, "the local store and the changelog after it" if source == "local" else "the changelog",
                  fold.replayed, fold.cut, fold.skipped_beyond_cut, incompatible, fold.unreadable)
 
