@@ -66,7 +66,8 @@ def key_ids(phase: str, events: int, keys: int, start: int, rng: np.random.Gener
 class Bench:
     def __init__(self, args: argparse.Namespace, directory: Path, establish: bool = True) -> None:
         self.args = args
-        self.predictor = StreamingPredictor(Artifact(make_model(args.hidden, args.layers), VERSION, {}, Path(".")), CPU)
+        self.predictor = StreamingPredictor(Artifact(make_model(args.hidden, args.layers), VERSION, {}, Path(".")), CPU,
+                                            state_dtype=args.dtype)
         self.stores = LocalStores(directory, "bench")
         self.resident = ResidentKeys(self.predictor.table, self.stores, args.resident,
                                      (args.layers, args.hidden, None), VERSION)
@@ -152,6 +153,7 @@ def main() -> None:
     parser.add_argument("--resident", type=int, default=100_000, help="state.max_resident_keys (0: no bound)")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="state.dtype")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--poll", type=int, default=2000, help="events per poll (kafka.max_poll_records)")
     parser.add_argument("--checkpoint-events", type=int, default=100_000,
@@ -176,7 +178,7 @@ def main() -> None:
                               capture_output=True, text=True)
         phases["restore"] = json.loads(done.stdout.splitlines()[-1])
         print("restore", json.dumps(phases["restore"]), flush=True)
-    state_bytes = (args.resident or args.keys) * 2 * args.layers * args.hidden * 4
+    state_bytes = (args.resident or args.keys) * 2 * args.layers * args.hidden * (4 if args.dtype == "float32" else 2)
     peak = max(p["rss_bytes"] for p in phases.values())
     per_key = {name: round((p["rss_bytes"] - p.get("rss_before_keys_bytes", baseline)) / (args.resident or args.keys), 1)
                for name, p in phases.items()}

@@ -55,9 +55,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .training.predict import predict_file
 
+    cfg = load_config(args.config, args.set)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
-        scored, rejected = predict_file(args.model, args.data, out, load_config(args.config, args.set).events)
+        scored, rejected = predict_file(args.model, args.data, out, cfg.events, cfg.state.dtype)
     finally:
         if args.out:
             out.close()
@@ -113,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="model directory")
     predict.add_argument("--data", required=True, help="JSONL events: the wire format plus 'key'")
     predict.add_argument("--out", help="JSONL predictions (default: standard output)")
-    with_config(predict, required=False)  # the events section: rejected or replaced as the daemon does
+    with_config(predict, required=False)  # events: rejected or replaced as the daemon does; state.dtype's rounding
     predict.set_defaults(func=cmd_predict)
 
     broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker on 127.0.0.1")

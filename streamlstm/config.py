@@ -26,6 +26,7 @@ ENV_PREFIX = "STREAMLSTM_"
 
 Task = Literal["regression", "classification"]
 TASKS: tuple[str, ...] = get_args(Task)  # the one list: the model and its artifact check against it
+StateDtype = Literal["float32", "bfloat16", "float16"]  # state/dtypes.py's element types
 
 
 class ConfigError(UsageError):
@@ -93,6 +94,7 @@ class StateConfig:
     ttl_seconds: float = 604800.0
     ttl_clock: Literal["processing_time", "event_time"] = "processing_time"
     max_resident_keys: int = 0
+    dtype: StateDtype = "float32"
 
     def dir_or_default(self) -> Path:
         """The local stores' directory: state.dir, or one under the system's temporary directory."""

@@ -126,6 +126,7 @@ def test_the_choices_are_declared_on_the_fields_as_literal_types():
         "kafka.security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
         "kafka.sasl_mechanism": ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
         "state.ttl_clock": ("processing_time", "event_time"),
+        "state.dtype": ("float32", "bfloat16", "float16"),
         "events.invalid_feature": ("reject", "replace_with_mean"),
         "model.device": ("auto", "cpu", "cuda"),
         "model.on_reload": ("keep_state", "reset_state"),

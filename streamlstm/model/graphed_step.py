@@ -14,8 +14,9 @@ them from Python costs more than running them. A graph replays all of them with 
   Growth doubles the table, so this is rare.
 - Transfers: a step's rows and inputs travel in one pinned buffer as one host→device copy, its
   predictions come back as one device→host copy into pinned memory, and the caller waits once per poll.
-- The cell: the fused Triton kernel of fused_cell.py where available (one launch per layer that gathers h and
-  c and writes c back, then one index_copy_ of every layer's new h), else lstm_step's torch operations.
+- The cell: the fused Triton kernel of fused_cell.py where available and the table holds float32 (one launch
+  per layer that gathers h and c and writes c back, then one index_copy_ of every layer's new h), else
+  lstm_step's torch operations (on h and c widened to float32 and rounded back: state.dtype).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class GraphedStep:
             raise ValueError(f"max_batch must be a power of two of at least {MIN_BATCH}, got {max_batch}")
         spec = model.spec
         self.model, self.table, self.max_batch = model, table, max_batch
-        self.fused = fused_available(spec.hidden_size) if fused is None else fused
+        wanted = fused_available(spec.hidden_size) if fused is None else fused
+        self.fused = wanted and table.dtype == torch.float32  # the kernel reads and writes float32 state
         self.layers = layer_weights(model.lstm)
         self.fused_layers = fused_weights(self.layers) if self.fused else []
         device = table.device
@@ -131,9 +133,9 @@ class GraphedStep:
             self._h.index_copy_(1, idx, self._hidden[:, :size])
             top = self._hidden[-1, :size]
         else:
-            h, c = lstm_step(x, self._h.index_select(1, idx), self._c.index_select(1, idx), self.layers)
-            self._h.index_copy_(1, idx, h)
-            self._c.index_copy_(1, idx, c)
+            h, c = lstm_step(x, self._h.index_select(1, idx).float(), self._c.index_select(1, idx).float(), self.layers)
+            self._h.index_copy_(1, idx, h.to(self._h.dtype))
+            self._c.index_copy_(1, idx, c.to(self._c.dtype))
             top = h[-1]
         self._out[:size] = self.model.predictions(self.model.head(top))
 

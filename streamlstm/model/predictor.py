@@ -63,14 +63,17 @@ class Advance(NamedTuple):
 
 class StreamingPredictor:
     def __init__(self, artifact: Artifact, device: torch.device, cuda_graphs: bool = True,
-                 max_batch: int = 8192, table: StateTable | None = None) -> None:
-        """`table`: the keys' state to carry on with (a model swapped in); it must have this model's shape."""
+                 max_batch: int = 8192, table: StateTable | None = None, state_dtype: str = "float32") -> None:
+        """`table`: the keys' state to carry on with (a model swapped in); it must have this model's shape.
+        Otherwise a new one holds h and c as `state_dtype` (state.dtype)."""
         self.model = artifact.model.to(device)
         self.version = artifact.version
         self.device = device
         self.layers = layer_weights(self.model.lstm)
         spec = artifact.spec
-        self.table = table if table is not None else StateTable(spec.num_layers, spec.hidden_size, device)
+        if table is None:
+            table = StateTable(spec.num_layers, spec.hidden_size, device, dtype=state_dtype)
+        self.table = table
         self.graphed: GraphedStep | None = None
         if cuda_graphs and device.type == "cuda":
             # Imported here: Triton comes with it, and a CPU process never loads Triton.

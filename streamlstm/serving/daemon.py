@@ -65,7 +65,7 @@ class Daemon:
         self.device = resolve_device(cfg.model.device)
         artifact = load_artifact(newest_artifact(cfg.model.path), self.device)
         self.watcher = ModelWatcher(cfg.model.path, artifact.path, self.device, cfg.model.reload_interval_s)
-        self._serve(artifact, StreamingPredictor(artifact, self.device))
+        self._serve(artifact, StreamingPredictor(artifact, self.device, state_dtype=cfg.state.dtype))
         self.expiry = Expiry.from_config(cfg.state)
         self.stores = LocalStores(cfg.state.dir_or_default(), self.changelog_topic)
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.exposition, self.healthy, self.ready)

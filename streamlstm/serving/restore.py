@@ -40,7 +40,7 @@ def install(fold: PartitionRestore, stores: LocalStores, resident: ResidentKeys,
             accepts: tuple[int, int, str | None], version: str) -> tuple[int, int]:
     """A finished fold into the partition's local store and the resident keys: (keys restored, records of
     another model's shape or version). The fold's values and their decoded copy are freed on return."""
-    state, incompatible = fold.rows(*accepts)
+    state, incompatible = fold.rows(*accepts, resident.table.element.name)
     layers, hidden, _ = accepts
     entries = fold.entries()
     seq = stores.establish(fold.shard, entries, StoreMeta(stores.owner, layers, hidden, version, fold.cut,

@@ -3,15 +3,18 @@
 A record is keyed by the state key (UTF-8) and its value is, little-endian:
 
     magic   2 bytes  b"SL"
-    format  u8       1
+    format  u8       the element type of h and c: 1 float32, 2 bfloat16, 3 float16 (state.dtype)
     layers  u8       num_layers
     hidden  u32      hidden_size
     steps   i64      events applied to the key since its state was zero
     offset  i64      input offset of the last event applied (the restore cut compares against it)
     time    i64      time of that event, ms (event time or processing time: the TTL clock)
     model   16 bytes model version, ASCII, space-padded
-    h       f32 x layers x hidden, layer by layer
-    c       f32 x layers x hidden
+    h       element x layers x hidden, layer by layer
+    c       element x layers x hidden
+
+A record of any element type is read into a table of any other (dtypes.convert): a changed state.dtype
+carries the state over, rounded once when it narrows.
 
 A dropped key (end, reset, expiry) is a tombstone: a null value, with the input offset that dropped it
 in the header `streamlstm.offset`.
@@ -32,14 +35,14 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from .dtypes import BY_CODE, ELEMENTS, Element, convert
 from .table import Rows
 
 MAGIC = b"SL"
-FORMAT = 1
 HEADER = struct.Struct("<2sBBIqqq16s")
 OFFSET_AT = 16  # byte position of `offset` within HEADER
 TOMBSTONE_OFFSET = "streamlstm.offset"
-_PREFIX = MAGIC + bytes([FORMAT])
+_PREFIXES = frozenset(MAGIC + bytes([code]) for code in BY_CODE)
 _OFFSET = struct.Struct("<q")
 OWNER_KEY = b"\x00streamlstm.owner"
 _OWNER_PREFIX = MAGIC + bytes([0x80])
@@ -61,12 +64,18 @@ class ChangelogRecord(Protocol):
     def headers(self) -> list[tuple[str, bytes | None]]: ...
 
 
-def _layout(num_layers: int, hidden_size: int) -> np.dtype:
-    """HEADER and the h and c that follow it, as one numpy record: a restore's values read in one go."""
-    return np.dtype({"names": ["layers", "hidden", "steps", "offset", "time", "model", "state"],
-                     "formats": ["u1", "<u4", "<i8", "<i8", "<i8", ("u1", 16), ("<f4", (2, num_layers, hidden_size))],
-                     "offsets": [3, 4, 8, OFFSET_AT, 24, 32, HEADER.size],
-                     "itemsize": HEADER.size + 8 * num_layers * hidden_size})
+def _layout(num_layers: int, hidden_size: int, element: Element) -> np.dtype:
+    """HEADER and the h and c that follow it, as one numpy record: values built and read in one go."""
+    return np.dtype({"names": ["magic", "format", "layers", "hidden", "steps", "offset", "time", "model", "state"],
+                     "formats": [("u1", 2), "u1", "u1", "<u4", "<i8", "<i8", "<i8", ("u1", 16),
+                                 (element.storage, (2, num_layers, hidden_size))],
+                     "offsets": [0, 2, 3, 4, 8, OFFSET_AT, 24, 32, HEADER.size],
+                     "itemsize": HEADER.size + 2 * num_layers * hidden_size * element.storage.itemsize})
+
+
+def value_size(num_layers: int, hidden_size: int, dtype: str) -> int:
+    """The bytes of one key's changelog value."""
+    return _layout(num_layers, hidden_size, ELEMENTS[dtype]).itemsize
 
 
 def _version_field(model_version: str) -> bytes:
@@ -77,21 +86,22 @@ ENCODE_CHUNK = 8192  # rows built per buffer: a checkpoint of a million keys nee
 
 
 def encode(rows: Rows, model_version: str) -> list[bytes]:
-    """One changelog value per key of `rows`, built ENCODE_CHUNK at a time in one buffer (a checkpoint
-    encodes thousands), each field written through a view of its columns."""
+    """One changelog value per key of `rows` (h and c in the element type they are held in), built
+    ENCODE_CHUNK at a time in one array of records (a checkpoint encodes thousands)."""
     layers, n, hidden = rows.h.shape
-    size = HEADER.size + 8 * layers * hidden  # a multiple of 8: the int64 and float32 views are aligned
+    element = next(e for e in ELEMENTS.values() if e.storage == rows.h.dtype)
+    layout = _layout(layers, hidden, element)
+    size = layout.itemsize
     values: list[bytes] = []
     for start in range(0, n, ENCODE_CHUNK):
         part = slice(start, min(start + ENCODE_CHUNK, n))
-        out = np.empty((part.stop - start, size), np.uint8)
-        out[:, :8] = np.frombuffer(HEADER.pack(MAGIC, FORMAT, layers, hidden, 0, 0, 0, b"")[:8], np.uint8)
-        out[:, 32:HEADER.size] = np.frombuffer(_version_field(model_version), np.uint8)
-        words = out.view("<i8")
-        words[:, 1], words[:, 2], words[:, 3] = rows.steps[part], rows.offsets[part], rows.times[part]
-        floats = out.view("<f4")[:, HEADER.size // 4 :].reshape(len(out), 2, layers, hidden)
-        floats[:, 0], floats[:, 1] = rows.h[:, part].transpose(1, 0, 2), rows.c[:, part].transpose(1, 0, 2)
-        flat = out.reshape(-1).data  # copied once, each row into its value: not the whole buffer first
+        out = np.empty(part.stop - start, layout)  # every byte is a field
+        out["magic"], out["format"], out["layers"], out["hidden"] = np.frombuffer(MAGIC, np.uint8), element.code, layers, hidden
+        out["model"] = np.frombuffer(_version_field(model_version), np.uint8)
+        out["steps"], out["offset"], out["time"] = rows.steps[part], rows.offsets[part], rows.times[part]
+        state = out["state"]
+        state[:, 0], state[:, 1] = rows.h[:, part].transpose(1, 0, 2), rows.c[:, part].transpose(1, 0, 2)
+        flat = out.view(np.uint8).data  # copied once, each row into its value: not the whole buffer first
         values += [flat[i : i + size].tobytes() for i in range(0, len(out) * size, size)]
     return values
 
@@ -116,7 +126,7 @@ def source_offset(value: bytes | None, headers: Iterable[tuple[str, bytes | None
             if name == TOMBSTONE_OFFSET:
                 return int(raw) if raw and raw.isdigit() else None
         return None
-    if len(value) < HEADER.size or value[:2] != MAGIC or value[2] != FORMAT:
+    if len(value) < HEADER.size or value[:3] not in _PREFIXES:
         return None
     return struct.unpack_from("<q", value, OFFSET_AT)[0]
 
@@ -168,13 +178,13 @@ class PartitionRestore:
         here and into the reader. About 0.75 µs a record against 0.95 µs through add(), most of it the
         dict updates; parsing the offsets with one np.frombuffer per poll instead saved only 4 %."""
         offsets, values, get, cut, touched = self._offsets, self._values, self._offsets.get, self.cut, self.touched
-        unpack = _OFFSET.unpack_from
+        unpack, prefixes = _OFFSET.unpack_from, _PREFIXES
         unreadable = beyond = count = 0
         record = None
         for record in records:
             count += 1
             value = record.value
-            if value is not None and value[:3] == _PREFIX and len(value) >= HEADER.size:
+            if value is not None and value[:3] in prefixes and len(value) >= HEADER.size:
                 offset: int | None = unpack(value, OFFSET_AT)[0]
             elif record.key == OWNER_KEY and value is not None and value[:3] == _OWNER_PREFIX:
                 self._marked(value[3:].decode("ascii", "replace"))
@@ -210,26 +220,45 @@ class PartitionRestore:
             return [(name, self._values[name]) for name in self.touched]
         return [(name, value) for name, value in self._values.items() if value is not None]
 
-    def rows(self, num_layers: int, hidden_size: int, version: str | None = None) -> tuple[Rows, int]:
-        """The live keys' state, and how many records were incompatible (those keys start over): of
-        another model's shape, or, if `version` is given, written by another model version.
+    def rows(self, num_layers: int, hidden_size: int, version: str | None = None,
+             dtype: str = "float32") -> tuple[Rows, int]:
+        """The live keys' state (h and c as `dtype`), and how many records were incompatible (those keys
+        start over): of another model's shape, or, if `version` is given, written by another model version.
 
         The values are read as one array of records (one copy of them all), not one at a time."""
         values = list(self._values.values())
-        rows = decode(self.shard, list(self._values), values, num_layers, hidden_size, version)
+        rows = decode(self.shard, list(self._values), values, num_layers, hidden_size, version, dtype)
         live = len(values) - values.count(None)
         return rows, live - len(rows.keys)
 
 
 def decode(shard: int, names: list[str], values: list[bytes | None], num_layers: int, hidden_size: int,
-           version: str | None = None) -> Rows:
-    """The keys' state from their values, skipping tombstones and values of another shape (or, if
-    `version` is given, of another model version): read as one array of records, not one at a time."""
-    layout = _layout(num_layers, hidden_size)
-    sized = [value is not None and len(value) == layout.itemsize for value in values]
-    names = list(compress(names, sized))
+           version: str | None = None, dtype: str = "float32") -> Rows:
+    """The keys' state from their values, h and c as `dtype`, skipping tombstones and values of another
+    shape (or, if `version` is given, of another model version): read as one array of records per element
+    type (one, unless state.dtype changed), not one at a time."""
+    target = ELEMENTS[dtype]
+    sizes = {code: _layout(num_layers, hidden_size, e).itemsize for code, e in BY_CODE.items()}
+    kinds = [value[2] if value is not None and len(value) == sizes.get(value[2]) else 0 for value in values]
+    present = set(kinds) - {0}
+    if len(present) > 1:
+        parts = [_decode_as(shard, list(compress(names, [k == code for k in kinds])),
+                            list(compress(values, [k == code for k in kinds])), num_layers, hidden_size, version,
+                            BY_CODE[code], target) for code in sorted(present)]
+        return Rows([key for part in parts for key in part.keys], *(
+            np.concatenate([getattr(part, name) for part in parts], axis=axis)
+            for name, axis in (("h", 1), ("c", 1), ("steps", 0), ("offsets", 0), ("times", 0))))
+    source = BY_CODE[present.pop()] if present else target
+    return _decode_as(shard, list(compress(names, kinds)), list(compress(values, kinds)), num_layers, hidden_size,
+                      version, source, target)
+
+
+def _decode_as(shard: int, names: list[str], values: list[bytes | None], num_layers: int, hidden_size: int,
+               version: str | None, source: Element, target: Element) -> Rows:
+    """decode() of values all of element type `source` and the right size."""
+    layout = _layout(num_layers, hidden_size, source)
     # numpy's own allocation (huge pages where the kernel has them): b"".join's page faults cost 3x the copy
-    records = np.fromiter(compress(values, sized), f"S{layout.itemsize}", len(names)).view(layout)
+    records = np.fromiter(values, f"S{layout.itemsize}", len(names)).view(layout)
     fits = (records["layers"] == num_layers) & (records["hidden"] == hidden_size)
     if version is not None:
         fits &= (records["model"] == np.frombuffer(_version_field(version), np.uint8)).all(axis=1)
@@ -237,8 +266,8 @@ def decode(shard: int, names: list[str], values: list[bytes | None], num_layers:
         names = list(compress(names, fits.tolist()))
         records = records[fits]
     state = records["state"]
-    return Rows(list(zip(repeat(shard), names)), state[:, 0].transpose(1, 0, 2).copy(),
-                state[:, 1].transpose(1, 0, 2).copy(), records["steps"].copy(), records["offset"].copy(),
+    h, c = (np.array(convert(state[:, i].transpose(1, 0, 2), source, target), order="C") for i in (0, 1))
+    return Rows(list(zip(repeat(shard), names)), h, c, records["steps"].copy(), records["offset"].copy(),
                 records["time"].copy())
 
 

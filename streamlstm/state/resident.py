@@ -121,7 +121,8 @@ class ResidentKeys:
     def _load(self, partition: int, found: list[tuple[str, _Evicted]]) -> int:
         if not found:
             return 0
-        rows = changelog.decode(partition, [name for name, _ in found], [e.value for _, e in found], *self.accepts)
+        rows = changelog.decode(partition, [name for name, _ in found], [e.value for _, e in found], *self.accepts,
+                                self.table.element.name)
         kept = {(partition, name): e for name, e in found}
         entries = [kept[key] for key in rows.keys]
         self.table.load(rows, np.array([e.seq for e in entries], dtype=np.int64),

@@ -13,6 +13,9 @@ without it; the table's own index operations run on the whole buffers, because i
 view takes a slow path on the CPU (50-200x slower at 1 024-8 192 rows). The buffers are reallocated only
 when the table grows or restarts with another shape, and `storage_generation` counts the allocations, so
 whatever holds their addresses (a captured graph) knows when to take them anew.
+
+h and c are kept in the table's element type (state.dtype, dtypes.py): `gather` widens rows to float32
+for the step and `scatter` rounds the step's result back; `export` and `load` move them as stored.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from typing import cast
 import numpy as np
 import torch
 
+from .dtypes import ELEMENTS, Element
+
 StateKey = tuple[int, str]  # (shard, key)
 
 
 @dataclass
 class Rows:
-    """Rows' state copied to the host: h and c are [layers, n, hidden]."""
+    """Rows' state copied to the host: h and c are [layers, n, hidden], in an element type's storage."""
 
     keys: list[StateKey]
     h: np.ndarray
@@ -60,10 +65,14 @@ class Evicted:
 
 
 class StateTable:
-    def __init__(self, num_layers: int, hidden_size: int, device: torch.device, capacity: int = 1024) -> None:
+    def __init__(self, num_layers: int, hidden_size: int, device: torch.device, capacity: int = 1024,
+                 dtype: str = "float32") -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.device = device
+        self.element: Element = ELEMENTS[dtype]
+        self.dtype: torch.dtype = getattr(torch, dtype)
+        self._storage: torch.dtype = getattr(torch, self.element.storage.name)  # the host's view: NumPy's
         self._rows: dict[StateKey, int] = {}
         self._keys: list[StateKey | None] = [None] * capacity
         self._free = list(range(capacity - 1, -1, -1))
@@ -109,9 +118,9 @@ class StateTable:
         million keys' gigabyte is not written twice (zeroed, then loaded)."""
         shape = (num_layers, len(self._keys) + 1, hidden_size)
         if self.device.type == "cpu":
-            h, c = (torch.from_numpy(np.zeros(shape, np.float32)) for _ in range(2))
+            h, c = (torch.from_numpy(np.zeros(shape, self.element.storage)).view(self.dtype) for _ in range(2))
         else:
-            h, c = (torch.zeros(shape, device=self.device) for _ in range(2))
+            h, c = (torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))
         if kept:
             h[:, :kept] = self._h[:, :kept]
             c[:, :kept] = self._c[:, :kept]
@@ -222,17 +231,23 @@ class StateTable:
         self._clear(rows)
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' h and c in float32, for a step (the stored values themselves in float32)."""
+        h, c = self._select(rows)
+        return h.float(), c.float()
+
+    def _select(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = rows.to(self.device, non_blocking=True)
         return self._h.index_select(1, idx), self._c.index_select(1, idx)
 
     def scatter(self, rows: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Store a step's result and return each row's step count after it.
+        """Store a step's result (rounded to the table's element type) and return each row's step count
+        after it.
 
         Rows must be distinct: index_copy_ with duplicate indices is undefined.
         """
         idx = rows.to(self.device, non_blocking=True)
-        self._h.index_copy_(1, idx, h)
-        self._c.index_copy_(1, idx, c)
+        self._h.index_copy_(1, idx, h.to(self.dtype))
+        self._c.index_copy_(1, idx, c.to(self.dtype))
         return self.stepped(rows)
 
     def stepped(self, rows: torch.Tensor) -> torch.Tensor:
@@ -308,10 +323,10 @@ class StateTable:
         return int(self.times[mine].max()) if mine.any() else None
 
     def export(self, rows: Sequence[int]) -> Rows:
+        """The rows' state on the host, as stored (in the table's element type)."""
         idx = torch.tensor(rows, dtype=torch.int64)
-        h, c = self.gather(idx)
-        return Rows(self._keys_of(rows), h.cpu().numpy(), c.cpu().numpy(), self.steps[idx].numpy(),
-                    self.offsets[rows], self.times[rows])
+        h, c = (t.cpu().view(self._storage).numpy() for t in self._select(idx))
+        return Rows(self._keys_of(rows), h, c, self.steps[idx].numpy(), self.offsets[rows], self.times[rows])
 
     def evict(self, count: int) -> Evicted:
         """Take the `count` least recently used keys out (no tombstone: their state lives on elsewhere)."""
@@ -335,14 +350,15 @@ class StateTable:
 
     def load(self, state: Rows, seq: int | np.ndarray = 0, dirty: np.ndarray | None = None) -> None:
         """Install restored (or fetched) keys, replacing whatever the table held for them; they count as
-        unchanged, taken by take `seq`, except those `dirty` marks changed."""
+        unchanged, taken by take `seq`, except those `dirty` marks changed. Their h and c are in the
+        table's element type (changelog.decode converts)."""
         needed = len(self._rows) + len(state.keys)
         if needed > len(self._keys):
             self._grow(self._capacity_for(needed))  # a restore loads partition after partition
         rows = self._admit_all(state.keys)
         idx = rows.to(self.device)
-        self._h.index_copy_(1, idx, torch.from_numpy(state.h).to(self.device))
-        self._c.index_copy_(1, idx, torch.from_numpy(state.c).to(self.device))
+        for stored, values in ((self._h, state.h), (self._c, state.c)):
+            stored.index_copy_(1, idx, torch.from_numpy(values).view(self.dtype).to(self.device))
         self.steps[rows] = torch.from_numpy(state.steps)
         index = rows.numpy()
         self.offsets[index] = state.offsets

@@ -22,9 +22,10 @@ from .reference import score_events
 
 
 def predict_file(model_dir: str | Path, data: str | Path, out: TextIO,
-                 events_cfg: EventsConfig = EventsConfig()) -> tuple[int, int]:
+                 events_cfg: EventsConfig = EventsConfig(), state_dtype: str = "float32") -> tuple[int, int]:
     """Writes what the daemon would publish for each event (source is null: a file has no offsets),
-    checking events as the daemon does under `events_cfg` (events.invalid_feature: replace_with_mean).
+    checking events as the daemon does under `events_cfg` (events.invalid_feature: replace_with_mean),
+    its state rounded as the daemon's under that `state_dtype` (state.dtype).
 
     A rejected line gets a line naming its reason instead, and a control-only line (reset or end without
     features) a line saying its key's state was dropped. Returns (events, rejected).
@@ -33,7 +34,7 @@ def predict_file(model_dir: str | Path, data: str | Path, out: TextIO,
     decoder = artifact.decoder(events_cfg)
     decoded = [(n, decode_line(decoder, obj, frozenset({LABEL_FIELD}))) for n, obj in read_event_lines(data)]
     events = [d for _, d in decoded if isinstance(d, Event)]
-    predictions, steps = score_events(artifact, events)
+    predictions, steps = score_events(artifact, events, state_dtype=state_dtype)
     scored = iter(zip(events, predictions.tolist(), steps.tolist()))
     rejected = 0
     for line, d in decoded:

@@ -15,15 +15,18 @@ import torch
 
 from ..events import Event, sequences
 from ..model.artifact import Artifact
+from ..model.network import LSTMForecaster
 
 
 @torch.inference_mode()
 def score_events(
-    artifact: Artifact, events: Sequence[Event], keys_per_batch: int = 256
+    artifact: Artifact, events: Sequence[Event], keys_per_batch: int = 256, state_dtype: str = "float32"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Prediction and step (1-based position within its key's sequence) for every event, in input order.
 
     Control-only events (no features) end a sequence and get no prediction: their rows stay zero.
+    With a `state_dtype` other than float32, h and c are rounded to it after every step, as the daemon
+    stores them under that state.dtype.
     """
     model = artifact.model
     groups = sorted(sequences(events), key=len)
@@ -36,9 +39,21 @@ def score_events(
         x = torch.zeros(len(batch), longest, model.spec.input_size)
         for b, positions in enumerate(batch):
             x[b, : len(positions)] = torch.tensor([events[i].features for i in positions])
-        out = model.predictions(model(x.to(device))).cpu().numpy()
+        x = x.to(device)
+        logits = model(x) if state_dtype == "float32" else _rounded_run(model, x, getattr(torch, state_dtype))
+        out = model.predictions(logits).cpu().numpy()
         for b, positions in enumerate(batch):
             predictions[positions] = out[b, : len(positions)]
             steps[positions] = np.arange(1, len(positions) + 1)
     return predictions, steps
 
+
+
+def _rounded_run(model: LSTMForecaster, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """model(x), one timestep at a time, its state rounded to `dtype` between steps."""
+    outs, state = [], None
+    for t in range(x.shape[1]):
+        out, (h, c) = model.run(x[:, t : t + 1], state)
+        state = (h.to(dtype).float(), c.to(dtype).float())
+        outs.append(out)
+    return torch.cat(outs, dim=1)
