@@ -17,13 +17,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..events import (
-    REASONS,
-    Event,
-    Rejection,
-    encode_record,
-    prediction_record,
-)
+from ..events import REASONS, Event, Rejection, encode_record, prediction_record
 from ..model.artifact import Artifact, ArtifactError, load_artifact, newest_artifact
 from ..model.predictor import StreamingPredictor, resolve_device
 from ..model.reload import ModelWatcher
@@ -84,7 +78,8 @@ class Daemon:
         spec = artifact.spec
         self.decoder = artifact.decoder(self.cfg.events)
         self.metrics.model.info({"version": artifact.version, "task": spec.task, "device": str(self.device),
-                                 "hidden_size": str(spec.hidden_size), "num_layers": str(spec.num_layers)})
+                                 "hidden_size": str(spec.hidden_size), "num_layers": str(spec.num_layers),
+                                 "state_dtype": self.cfg.state.dtype})
 
     def _accepts(self) -> tuple[int, int, str | None]:
         """The changelog state the served model can take on: its shape, and under reset_state its version."""
@@ -148,8 +143,7 @@ class Daemon:
                  kafka.group_id, kafka.bootstrap_servers, self.changelog_topic, self.stores.directory)
         if kafka.processing_guarantee == "exactly_once":
             log.info("exactly_once: read_committed consumers see the outputs once per checkpoint, every %d ms "
-                     "(state.checkpoint_interval_ms; Kafka Streams uses 100 ms under exactly-once)",
-                     self.cfg.state.checkpoint_interval_ms)
+                     "(state.checkpoint_interval_ms; Kafka Streams: 100 ms)", self.cfg.state.checkpoint_interval_ms)
         # Start-up leaves a few hundred thousand long-lived objects (torch, the model, the clients) that
         # every full garbage collection would walk again; the per-event garbage made those collections
         # cost a third of the events/s (docs/benchmarks.md). Frozen, they are never walked.

@@ -323,10 +323,10 @@ class LocalStores:
                 with self._lock:
                     self.failures.add(partition)
             finally:
+                del job, entries  # the values die here, not at the next job
+                if self._queue.empty():
+                    heap.give_back()  # before task_done: once wait() returns, the memory is back
                 self._queue.task_done()
-            del job, entries  # the values die here, not at the next job
-            if self._queue.empty():
-                heap.give_back()
         self._queue.task_done()
 
     def close(self) -> None:

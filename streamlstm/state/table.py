@@ -348,6 +348,12 @@ class StateTable:
         self._dirty, self._dropped = set(), {}
         return Changes(dropped, changed)
 
+    def _to_device(self, values: np.ndarray) -> torch.Tensor:
+        """Host rows as the table's element type on its device; to CUDA through pinned memory (torch's
+        caching host allocator), so a batch of fetched or restored keys travels as one DMA."""
+        host = torch.from_numpy(values).view(self.dtype)
+        return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+
     def load(self, state: Rows, seq: int | np.ndarray = 0, dirty: np.ndarray | None = None) -> None:
         """Install restored (or fetched) keys, replacing whatever the table held for them; they count as
         unchanged, taken by take `seq`, except those `dirty` marks changed. Their h and c are in the
@@ -358,7 +364,7 @@ class StateTable:
         rows = self._admit_all(state.keys)
         idx = rows.to(self.device)
         for stored, values in ((self._h, state.h), (self._c, state.c)):
-            stored.index_copy_(1, idx, torch.from_numpy(values).view(self.dtype).to(self.device))
+            stored.index_copy_(1, idx, self._to_device(values))
         self.steps[rows] = torch.from_numpy(state.steps)
         index = rows.numpy()
         self.offsets[index] = state.offsets
