@@ -88,3 +88,12 @@ def test_resident_reports_rate_fetches_and_memory_against_the_bound(tmp_path):
     assert report["resident_state_bytes"] == 500 * 2 * 2 * 8 * 4 and report["rss_before_keys_bytes"] > 0
     assert report["phases"]["restore"]["keys"] == 500  # a fresh process restored the stores within the bound
     assert set(report["rss_per_resident_key_by_phase"]) == {"load", "zipf", "uniform", "restore"}
+
+
+def test_the_event_path_reports_cpu_per_event_for_each_state_dtype():
+    for dtype in ("float32", "bfloat16"):
+        result = subprocess.run([sys.executable, str(BENCHMARKS / "event_path_bench.py"), "--keys", "3000", "--polls",
+                                 "3", "--dtype", dtype], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        figure = float(result.stdout.split(": ")[-1].split()[0])
+        assert f" {dtype}: " in result.stdout and 0.1 < figure < 10_000
