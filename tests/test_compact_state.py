@@ -172,3 +172,25 @@ def test_a_daemon_keeping_bfloat16_state_through_eviction_and_a_restart_equals_p
               and r.value[2] != 0x80]
     assert states and {len(v) for v in states} == {changelog.value_size(2, 16, "bfloat16")}
     assert {v[2] for v in states} == {ELEMENTS["bfloat16"].code}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", HALF)
+def test_on_cuda_a_compact_state_steps_through_the_graphed_path_and_round_trips_through_pinned_loads(model_dir, dtype):
+    """The graphed step on a half table (torch operations, not the float32 kernel) agrees with `predict`
+    as the CPU's does; rows exported, encoded and loaded back (through pinned memory) keep their bits."""
+    artifact = load_artifact(model_dir)
+    events = random_events(3_000, 40, seed=9)
+    predictor = StreamingPredictor(artifact, torch.device("cuda"), state_dtype=dtype)
+    assert predictor.graphed is not None and not predictor.graphed.fused
+    streamed = np.concatenate([predictor.advance([(0, e.key) for e in events[i:i + 150]],
+                                                 [e.features for e in events[i:i + 150]]).predictions
+                               for i in range(0, len(events), 150)])
+    same, _ = score_events(artifact, events, state_dtype=dtype)
+    assert_rounds_as_predict(streamed, same, score_events(artifact, events)[0], dtype)
+    table = predictor.table
+    keys = [(0, f"k{i}") for i in range(40)]
+    exported = table.export(table.rows(keys).tolist())
+    copy = StateTable(2, 16, torch.device("cuda"), dtype=dtype)
+    copy.load(changelog.decode(0, [k for _, k in keys], changelog.encode(exported, "v"), 2, 16, dtype=dtype))
+    assert all(torch.equal(a, b) for a, b in zip(copy.gather(copy.rows(keys)), table.gather(table.rows(keys))))
