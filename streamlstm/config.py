@@ -77,6 +77,7 @@ class ModelConfig:
     cpu_threads: int = 1
     reload_interval_s: float = 10.0
     on_reload: Literal["keep_state", "reset_state"] = "keep_state"
+    live_accuracy: bool = True
 
 
 @dataclass(frozen=True)

@@ -40,13 +40,15 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 
 def make_model(path: Path, hidden_size: int = 16, num_layers: int = 2, seed: int = 0,
-               task: str = "regression") -> Path:
-    """An untrained but deterministic model: enough to compare streaming with offline."""
+               task: str = "regression", horizon: int = 1) -> Path:
+    """An untrained but deterministic model: enough to compare streaming with offline. `horizon`: the
+    train.horizon its artifact says it was trained for (what live accuracy scores at)."""
     torch.manual_seed(seed)
     outputs = ("load",) if task == "regression" else ("low", "mid", "high")
     spec = ModelSpec(task, FEATURES, outputs, hidden_size, num_layers, (10.0, 20.0, 12.0), (3.0, 5.0, 7.0),
                      (10.0,) if task == "regression" else (), (3.0,) if task == "regression" else ())
-    save_artifact(LSTMForecaster(spec), path, {"note": "random weights for tests"})
+    config = {} if horizon == 1 else {"config": {"horizon": horizon}}
+    save_artifact(LSTMForecaster(spec), path, {"note": "random weights for tests", **config})
     return path
 
 

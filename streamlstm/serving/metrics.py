@@ -21,6 +21,8 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    2.5, 5.0, 10.0)
 BATCH_BUCKETS = tuple(float(2**k) for k in range(18))  # 1 .. 131072 keys per step or checkpoint
 SIZE_BUCKETS = tuple(float(4**k) for k in range(5, 16))  # 1 KiB .. 1 GiB
+# Raw units, 0.001 to 5 000 (1, 2.5, 5 a decade): the mean comes from _sum / _count whatever the scale.
+ERROR_BUCKETS = tuple(m * 10.0**e for e in range(-3, 4) for m in (1.0, 2.5, 5.0))
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 MODEL_LABELS = ("device", "hidden_size", "num_layers", "state_dtype", "task", "version")  # in the order an Info writes them
 DROP_REASONS = ("end", "reset", "expired")
@@ -164,6 +166,14 @@ class Metrics:
         self.reloads = Counter("streamlstm_model_reloads_total",
                                "Newer artifacts found under model.path: swapped (now serving) or failed (not "
                                "loadable; the previous model keeps serving).", ["result"], registry=r)
+        self.forecast_error = Histogram("streamlstm_forecast_abs_error",
+                                        "Live accuracy: a regression forecast's absolute error in raw units, once "
+                                        "the event it forecast (train.horizon events on) arrives; forecaster="
+                                        "naive: the last-value forecast's, for the same events.",
+                                        ["version", "forecaster", "output"], buckets=ERROR_BUCKETS, registry=r)
+        self.forecasts_scored = Counter("streamlstm_forecasts_scored_total",
+                                        "Forecasts scored by live accuracy (each against its event).", ["version"],
+                                        registry=r)
         self._start_at_zero(rejection_reasons, output_topics)
 
     def _start_at_zero(self, rejection_reasons: Iterable[str], output_topics: Iterable[str]) -> None:

@@ -88,6 +88,8 @@ class StateTable:
         self.shards = np.full(capacity, -1, dtype=np.int64)
         self.used = np.zeros(capacity, dtype=np.int64)  # when each row was last asked for: the LRU order
         self.taken = np.zeros(capacity, dtype=np.int64)  # the take that last took each row's change
+        self.pending: np.ndarray | None = None  # see keep_pending
+        self.since: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -127,6 +129,14 @@ class StateTable:
         self._h: torch.Tensor = h
         self._c: torch.Tensor = c
         self.storage_generation += 1
+
+    def keep_pending(self, slots: int, width: int) -> None:
+        """Keep per row `slots` x `width` float32 values for a later event of its key to read (live
+        accuracy: forecasts awaiting the event they forecast), with `since`, the step count they start
+        after: a key's values are its own only from its zeroed start or from where it was loaded (its
+        earlier ones are not kept anywhere else), never a former key's of the same row."""
+        self.pending = np.zeros((len(self._keys), slots, width), np.float32)
+        self.since = self.steps.numpy().copy()
 
     def row(self, key: StateKey) -> int | None:
         return self._rows.get(key)
@@ -206,6 +216,8 @@ class StateTable:
         self.offsets[rows] = -1
         self.times[rows] = 0
         self.taken[rows] = 0
+        if self.since is not None:
+            self.since[rows] = 0
 
     def _capacity_for(self, needed: int) -> int:
         """Doubling (amortised O(1) per key), but not past `max_rows` when that is enough."""
@@ -224,6 +236,9 @@ class StateTable:
         self.shards = np.concatenate([self.shards, np.full(extra, -1, dtype=np.int64)])
         self.used = np.concatenate([self.used, np.zeros(extra, dtype=np.int64)])
         self.taken = np.concatenate([self.taken, np.zeros(extra, dtype=np.int64)])
+        if self.pending is not None and self.since is not None:
+            self.pending = np.concatenate([self.pending, np.zeros((extra, *self.pending.shape[1:]), np.float32)])
+            self.since = np.concatenate([self.since, np.zeros(extra, dtype=np.int64)])
         self._free.extend(range(capacity - 1, old - 1, -1))
 
     def reset(self, rows: list[int]) -> None:
@@ -370,6 +385,8 @@ class StateTable:
         self.offsets[index] = state.offsets
         self.times[index] = state.times
         self.taken[index] = seq
+        if self.since is not None:
+            self.since[index] = state.steps
         self._use(index)
         self._dirty.difference_update(rows.tolist())
         if dirty is not None:
