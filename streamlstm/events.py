@@ -16,10 +16,10 @@ from typing import Annotated, Any, NamedTuple
 import msgspec
 
 CONTROL_FIELDS = ("reset", "end")  # reset: start the key from zero state; end: drop it after this event
-EVENT_FIELDS = frozenset({"features", "ts", *CONTROL_FIELDS})
+LABEL_FIELD = "label"  # a classification event's class: for training and live accuracy, ignored by stepping
+EVENT_FIELDS = frozenset({"features", "ts", LABEL_FIELD, *CONTROL_FIELDS})
 TS_MIN, TS_MAX = -(1 << 63), (1 << 63) - 1  # Kafka's timestamps: signed 64-bit milliseconds
 FLOAT32_MAX = 3.4028234663852886e38
-LABEL_FIELD = "label"  # event files only: a classification event's class, for training and scoring
 
 
 @dataclass(slots=True)
@@ -32,6 +32,7 @@ class Event:
     reset: bool = False
     end: bool = False
     replaced: int = 0  # feature values replaced by their training mean (events.invalid_feature policy)
+    label: int | str | None = None  # its class, if it says (classification): never stepped on
 
 
 class Rejection(NamedTuple):
@@ -42,7 +43,7 @@ class Rejection(NamedTuple):
 REASONS = (
     "bad_key", "not_utf8", "not_json", "not_object", "unknown_field", "missing_features",
     "wrong_feature_count", "unknown_feature", "missing_feature", "non_numeric_feature",
-    "non_finite_feature", "bad_ts", "bad_control", "key_too_large", "value_too_large",
+    "non_finite_feature", "bad_ts", "bad_control", "bad_label", "key_too_large", "value_too_large",
 )
 
 
@@ -85,7 +86,8 @@ def _wire_decoder(limits: Sequence[tuple[float, float]]) -> msgspec.json.Decoder
     bounded = tuple(Annotated[float, msgspec.Meta(ge=lo, le=hi)] for lo, hi in limits)
     features = tuple[bounded]  # type: ignore[valid-type]  # a type made at run time, one per model
     fields: list[tuple[str, Any, Any] | tuple[str, Any]] = [
-        ("features", features), ("ts", int | float | None, None), ("reset", bool, False), ("end", bool, False)]
+        ("features", features), ("ts", int | float | None, None), ("reset", bool, False), ("end", bool, False),
+        (LABEL_FIELD, int | str | None, None)]
     return msgspec.json.Decoder(msgspec.defstruct("WireEvent", fields, forbid_unknown_fields=True))
 
 
@@ -130,7 +132,7 @@ class EventDecoder:
             wire = self._wire.decode(value)
             ts = None if wire.ts is None else _timestamp(wire.ts)
             if wire.ts is None or ts is not None:
-                return Event(key_text, list(wire.features), ts, wire.reset, wire.end)
+                return Event(key_text, list(wire.features), ts, wire.reset, wire.end, 0, wire.label)
         except (UnicodeDecodeError, msgspec.DecodeError):
             pass  # the full checks below say why
         try:
@@ -144,13 +146,15 @@ class EventDecoder:
             return Rejection("not_json", f"value is not JSON: {exc}")
         return self.decode_object(key_text, obj)
 
-    def decode_object(self, key: str, obj: Any, extra_fields: frozenset[str] = frozenset()) -> Event | Rejection:
+    def decode_object(self, key: str, obj: Any) -> Event | Rejection:
         if not isinstance(obj, dict):
             return Rejection("not_object", f"value is JSON {type(obj).__name__}, expected an object")
-        unknown = obj.keys() - EVENT_FIELDS - extra_fields
+        unknown = obj.keys() - EVENT_FIELDS
         if unknown:
-            allowed = sorted(EVENT_FIELDS | extra_fields)
-            return Rejection("unknown_field", f"unknown fields {sorted(unknown)}; allowed: {allowed}")
+            return Rejection("unknown_field", f"unknown fields {sorted(unknown)}; allowed: {sorted(EVENT_FIELDS)}")
+        label = obj.get(LABEL_FIELD)
+        if label is not None and (not isinstance(label, (int, str)) or isinstance(label, bool)):
+            return Rejection("bad_label", f"'label' must be an int or a string (a class), got {label!r:.40}")
         for name in CONTROL_FIELDS:
             if not isinstance(obj.get(name, False), bool):
                 return Rejection("bad_control", f"{name!r} must be true or false, got {obj[name]!r:.40}")
@@ -171,7 +175,7 @@ class EventDecoder:
             if ts is None:
                 return Rejection("bad_ts", "'ts' must be a number of epoch milliseconds within Kafka's signed "
                                  f"64-bit timestamps, got {obj['ts']!r:.40}")
-        return Event(key, features, ts, reset, end, replaced)
+        return Event(key, features, ts, reset, end, replaced, label)
 
     def _features(self, raw: Any) -> tuple[list[float], int] | Rejection:
         if isinstance(raw, dict):
@@ -256,7 +260,7 @@ def read_event_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
                     yield number, Rejection("not_json", f"line {number}: {exc}")
 
 
-def decode_line(decoder: EventDecoder, obj: Any, extra_fields: frozenset[str] = frozenset()) -> Event | Rejection:
+def decode_line(decoder: EventDecoder, obj: Any) -> Event | Rejection:
     """An event-file record: the wire format plus its 'key'."""
     if isinstance(obj, Rejection):
         return obj
@@ -266,7 +270,7 @@ def decode_line(decoder: EventDecoder, obj: Any, extra_fields: frozenset[str] = 
     key = body.pop("key", None)
     if not isinstance(key, str) or not key:
         return Rejection("bad_key", "the record's 'key' is missing, empty or not a string")
-    return decoder.decode_object(key, body, extra_fields)
+    return decoder.decode_object(key, body)
 
 
 def sequences(events: Sequence[Event]) -> list[list[int]]:

@@ -20,6 +20,13 @@ def test_control_fields_may_come_with_or_without_features():
     assert decoder.decode(b"k", b'{"reset": true}') == Event("k", None, None, reset=True)
 
 
+def test_a_label_is_carried_by_the_event_and_changes_nothing_else():
+    decoder = EventDecoder(["a", "b"])
+    for value, label in ((b'{"features": [1, 2], "label": "high"}', "high"), (b'{"features": [1, 2], "label": 3}', 3),
+                         (b'{"features": {"a": 1, "b": 2}, "label": "x"}', "x")):
+        assert decoder.decode(b"k", value) == Event("k", [1.0, 2.0], None, label=label)
+
+
 @pytest.mark.parametrize("key,value,reason", [
     (None, b'{"features": [1, 2]}', "bad_key"),
     (b"", b'{"features": [1, 2]}', "bad_key"),
@@ -42,6 +49,9 @@ def test_control_fields_may_come_with_or_without_features():
     (b"k", b'{"features": [1, NaN]}', "non_finite_feature"),
     (b"k", b'{"features": [1, Infinity]}', "non_finite_feature"),
     (b"k", b'{"features": [1, 2], "ts": "yesterday"}', "bad_ts"),
+    (b"k", b'{"features": [1, 2], "label": true}', "bad_label"),
+    (b"k", b'{"features": [1, 2], "label": 1.5}', "bad_label"),
+    (b"k", b'{"features": [1, 2], "label": ["a"]}', "bad_label"),
 ])
 def test_each_malformed_event_gets_its_reason(key, value, reason):
     decoded = decoder.decode(key, value)

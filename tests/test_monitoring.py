@@ -194,7 +194,10 @@ def exported(exposition: str) -> set[str]:
     """Every sample name the daemon exports, including families with no sample yet (no label values)."""
     names = set(re.findall(r"^([a-zA-Z_:][\w:]*)[{ ]", exposition, re.MULTILINE))
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", exposition, re.MULTILINE):
-        names |= {name + s for s in HISTOGRAM_SUFFIXES} if kind == "histogram" else {name}
+        if kind == "histogram":
+            names |= {name + s for s in HISTOGRAM_SUFFIXES}
+        else:  # a counter family's TYPE line drops the _total its samples have
+            names |= {name, name + "_total"} if kind == "counter" else {name}
     return names
 
 

@@ -48,6 +48,7 @@ def bad_event(reason: str, key: bytes, ts: int) -> tuple[bytes | None, bytes]:
         "non_finite_feature": b'{"features": [1, NaN, 3], "ts": %d}' % ts,
         "bad_ts": b'{"features": [1, 2, 3], "ts": "noon"}',
         "bad_control": b'{"features": [1, 2, 3], "reset": "yes"}',
+        "bad_label": b'{"features": [1, 2, 3], "label": true}',
         "value_too_large": b'{"features": [1, 2, 3]}' + b" " * 400_000,  # max_value_bytes: 65 536
     }.get(reason, event_value([1, 2, 3], ts))
     return {"bad_key": b"", "key_too_large": b"k" * 2000}.get(reason, key), value  # max_key_bytes: 1024

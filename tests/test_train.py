@@ -166,7 +166,7 @@ def test_classification_learns_and_publishes_probabilities(tmp_path: Path) -> No
     assert t["val_accuracy"] > t["majority_accuracy"] + 0.2, t
     assert t["val_log_loss"] < t["prior_log_loss"], t
     decoder = EventDecoder(artifact.spec.features)
-    events = [decode_line(decoder, obj, frozenset({"label"})) for _, obj in read_event_lines(tmp_path / "c.jsonl")]
+    events = [decode_line(decoder, obj) for _, obj in read_event_lines(tmp_path / "c.jsonl")]
     probabilities, _ = score_events(artifact, events)
     assert probabilities.shape == (len(events), 2)
     assert np.all(probabilities >= 0)

@@ -23,7 +23,7 @@ from ..model.predictor import StreamingPredictor, resolve_device
 from ..model.reload import ModelWatcher
 from ..transport import open_changelog, open_transport, prepare_topics
 from ..transport.api import Failure, Record, TopicPartition, Transport, TransportError
-from .accuracy import LiveAccuracy
+from .accuracy import live_accuracy
 from .backoff import BACKOFF_MAX_S, Backoff
 from .checkpoint import Checkpointer, Outcome
 from .http_server import HttpServer
@@ -76,7 +76,7 @@ class Daemon:
     def _serve(self, artifact: Artifact, predictor: StreamingPredictor) -> None:
         """Make `predictor` the one that steps, with the event decoder and model info that go with it."""
         self.predictor = predictor
-        self.accuracy = LiveAccuracy.of(artifact, predictor.table, self.metrics) if self.cfg.model.live_accuracy else None
+        self.accuracy = live_accuracy(artifact, predictor.table, self.metrics) if self.cfg.model.live_accuracy else None
         spec = artifact.spec
         self.decoder = artifact.decoder(self.cfg.events)
         self.metrics.model.info({"version": artifact.version, "task": spec.task, "device": str(self.device),
@@ -385,7 +385,7 @@ class Daemon:
             self.predictor.table.stamp(result.rows, np.array([r.offset for r, _ in stepping], dtype=np.int64),
                                        np.array(plan.times, dtype=np.int64))
             if self.accuracy is not None:
-                self.accuracy.score(result.rows, result.steps, plan.features, result.predictions)
+                self.accuracy.score(result.rows, result.steps, [event for _, event in stepping], result.predictions)
             for size, seconds in result.step_stats:
                 m.step_batch.observe(size)
                 m.step_duration.observe(seconds)

@@ -23,6 +23,7 @@ BATCH_BUCKETS = tuple(float(2**k) for k in range(18))  # 1 .. 131072 keys per st
 SIZE_BUCKETS = tuple(float(4**k) for k in range(5, 16))  # 1 KiB .. 1 GiB
 # Raw units, 0.001 to 5 000 (1, 2.5, 5 a decade): the mean comes from _sum / _count whatever the scale.
 ERROR_BUCKETS = tuple(m * 10.0**e for e in range(-3, 4) for m in (1.0, 2.5, 5.0))
+LOG_LOSS_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 35.0)
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 MODEL_LABELS = ("device", "hidden_size", "num_layers", "state_dtype", "task", "version")  # in the order an Info writes them
 DROP_REASONS = ("end", "reset", "expired")
@@ -172,8 +173,21 @@ class Metrics:
                                         "naive: the last-value forecast's, for the same events.",
                                         ["version", "forecaster", "output"], buckets=ERROR_BUCKETS, registry=r)
         self.forecasts_scored = Counter("streamlstm_forecasts_scored_total",
-                                        "Forecasts scored by live accuracy (each against its event).", ["version"],
-                                        registry=r)
+                                        "Predictions scored by live accuracy: forecasts against the event they "
+                                        "forecast, classes against the event's label.", ["version"], registry=r)
+        self.forecast_log_loss = Histogram("streamlstm_forecast_log_loss",
+                                           "Live accuracy of a classification model: -log of the probability "
+                                           "it gave an event's label.", ["version"], buckets=LOG_LOSS_BUCKETS,
+                                           registry=r)
+        self.forecasts_correct = Counter("streamlstm_forecasts_correct_total",
+                                         "Labelled events whose most probable class was their label.", ["version"],
+                                         registry=r)
+        self.labels_seen = Counter("streamlstm_labels_total",
+                                   "Labelled events by label (the majority-class baseline's counts).",
+                                   ["version", "class"], registry=r)
+        self.labels_unknown = Counter("streamlstm_labels_unknown_total",
+                                      "Labelled events whose label is none of the model's classes (not scored).",
+                                      ["version"], registry=r)
         self._start_at_zero(rejection_reasons, output_topics)
 
     def _start_at_zero(self, rejection_reasons: Iterable[str], output_topics: Iterable[str]) -> None:

@@ -21,7 +21,6 @@ import numpy as np
 from ..config import KafkaConfig, TrainConfig
 from ..errors import UsageError
 from ..events import (
-    LABEL_FIELD,
     Event,
     EventDecoder,
     Rejection,
@@ -81,14 +80,6 @@ def feature_names(records: Sequence[Any]) -> tuple[str, ...]:
     raise TrainingDataError("train: no event has non-empty 'features' (a list or an object); nothing to train on")
 
 
-def _label(obj: Any) -> Label | Rejection:
-    """A record's label: an int or a string, None when absent; anything else is not a usable class."""
-    label = obj.get(LABEL_FIELD)
-    if label is None or (isinstance(label, (int, str)) and not isinstance(label, bool)):
-        return label
-    return Rejection("bad_label", f"'label' must be an int or a string, got {label!r}")
-
-
 def in_time_order(events: list[Event], labels: list[Label], positions: list[Position]) -> tuple[list[Event], list[Label]]:
     """Events grouped per key (keys sorted) and ordered by time, then position in the source.
 
@@ -113,14 +104,12 @@ def decode_records(source: str, records: list[tuple[Position, Any]]) -> Training
     positions: list[Position] = []
     rejected: Counter[str] = Counter()
     for position, obj in records:
-        event = decode_line(decoder, obj, extra_fields=frozenset({LABEL_FIELD}))
-        label = event if isinstance(event, Rejection) else _label(obj)
-        if isinstance(label, Rejection):
-            rejected[label.reason] += 1
+        event = decode_line(decoder, obj)
+        if isinstance(event, Rejection):
+            rejected[event.reason] += 1
             continue
-        assert isinstance(event, Event)  # a rejected event is its own label
         events.append(event)
-        labels.append(label)
+        labels.append(event.label)
         positions.append(position)
     return TrainingData(source, names, *in_time_order(events, labels, positions), rejected)
 

@@ -10,7 +10,6 @@ import msgspec
 
 from ..config import EventsConfig
 from ..events import (
-    LABEL_FIELD,
     Event,
     Rejection,
     decode_line,
@@ -32,7 +31,7 @@ def predict_file(model_dir: str | Path, data: str | Path, out: TextIO,
     """
     artifact = load_artifact(model_dir)
     decoder = artifact.decoder(events_cfg)
-    decoded = [(n, decode_line(decoder, obj, frozenset({LABEL_FIELD}))) for n, obj in read_event_lines(data)]
+    decoded = [(n, decode_line(decoder, obj)) for n, obj in read_event_lines(data)]
     events = [d for _, d in decoded if isinstance(d, Event)]
     predictions, steps = score_events(artifact, events, state_dtype=state_dtype)
     scored = iter(zip(events, predictions.tolist(), steps.tolist()))
