@@ -87,6 +87,18 @@ def test_live_scores_equal_offline_scoring_with_repeated_keys_and_resets(tmp_pat
     assert_scores(metrics.exposition().decode(), artifact.version, model_err, naive_err)
 
 
+def served_metrics(broker, daemon, events: list[dict]) -> str:
+    """The daemon's /metrics once it has published a prediction for each of the events (keyed records)."""
+    prepare(daemon)
+    daemon.start()
+    produce(broker, daemon.topic, [(e["key"].encode(), json.dumps({k: v for k, v in e.items() if k != "key"}).encode())
+                                   for e in events])
+    predictions_by_source(broker, daemon.kafka["output_topic"], len(events))
+    text = http_get(daemon.port, "/metrics")[1]
+    assert daemon.stop() == 0
+    return text
+
+
 def test_a_daemon_scores_its_forecasts_live_as_offline_scoring_does(tmp_path, broker, daemon_factory):
     """Through the broker, horizon 2: the daemon's /metrics against predict's predictions scored offline."""
     model = make_model(tmp_path / "model", horizon=2)
@@ -94,13 +106,7 @@ def test_a_daemon_scores_its_forecasts_live_as_offline_scoring_does(tmp_path, br
     events = [{"key": f"k{rng.randrange(60)}", "features": [round(rng.gauss(10, 3), 3), round(rng.gauss(20, 5), 3),
                                                            rng.randrange(24)], "ts": 1_700_000_000_000 + i,
                **({"reset": True} if rng.random() < 0.02 else {})} for i in range(2_000)]
-    daemon = daemon_factory(model)
-    prepare(daemon)
-    daemon.start()
-    produce_events(broker, daemon.topic, events)
-    predictions_by_source(broker, daemon.kafka["output_topic"], len(events))
-    text = http_get(daemon.port, "/metrics")[1]
-    assert daemon.stop() == 0
+    text = served_metrics(broker, daemon_factory(model), events)
     expected = offline_predictions(tmp_path, model, events)
     version = load_artifact(model).version
     model_err, naive_err = offline_scores([e["key"] for e in events], [e["features"][0] for e in events],
@@ -161,22 +167,13 @@ def test_a_classification_model_is_scored_against_the_labels_events_carry(tmp_pa
                         offline_label_scores([e.get("label") for e in events], expected.tolist()))
 
 
-def produce_events(broker, topic: str, events: list[dict]) -> None:
-    produce(broker, topic, [(e["key"].encode(), json.dumps({k: v for k, v in e.items() if k != "key"}).encode())
-                            for e in events])
 
 
 def test_a_daemon_scores_a_classification_model_against_labels_as_offline_scoring_does(tmp_path, broker,
                                                                                          daemon_factory):
     model = make_model(tmp_path / "c", task="classification")
     events = labelled_events(1_500, seed=3)
-    daemon = daemon_factory(model)
-    prepare(daemon)
-    daemon.start()
-    produce_events(broker, daemon.topic, events)
-    predictions_by_source(broker, daemon.kafka["output_topic"], len(events))
-    text = http_get(daemon.port, "/metrics")[1]
-    assert daemon.stop() == 0
+    text = served_metrics(broker, daemon_factory(model), events)
     expected = offline_predictions(tmp_path, model, events)
     assert_label_scores(text, load_artifact(model).version, offline_label_scores(
         [e.get("label") for e in events], [expected[e["ts"]]["prediction"] for e in events]))
