@@ -4,7 +4,8 @@
 
 What the daemon does per poll on the state, and nothing else: StreamingPredictor.advance and
 StateTable.stamp of 2 000 events over --keys live keys (H=64, 2 layers, uniform keys, one torch thread),
-and every 50 polls a take of changes encoded as changelog values (a checkpoint's share). Prints the
+and every 50 polls a take of changes encoded as changelog values (a checkpoint's share); with
+--live-accuracy also the scoring of each forecast against the event it forecast. Prints the
 process CPU time per event in µs. `--repo` imports streamlstm from another checkout (e.g. a
 `git worktree` of an older commit), so two versions run the same harness; interleave runs of each, the VM
 is noisy.
@@ -23,12 +24,14 @@ parser.add_argument("--repo", default=os.path.join(os.path.dirname(__file__), ".
 parser.add_argument("--dtype", default="float32", help="state.dtype (a checkout before it has float32 only)")
 parser.add_argument("--keys", type=int, default=100_000)
 parser.add_argument("--polls", type=int, default=200)
+parser.add_argument("--live-accuracy", action="store_true", help="model.live_accuracy (a checkout that has it)")
 args = parser.parse_args()
 sys.path.insert(0, args.repo)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from streamlstm.events import Event  # noqa: E402
 from streamlstm.model.artifact import Artifact  # noqa: E402
 from streamlstm.model.predictor import StreamingPredictor  # noqa: E402
 from streamlstm.state import changelog  # noqa: E402
@@ -42,14 +45,24 @@ POLL = 2000
 def main() -> None:
     torch.set_num_threads(1)
     extra = {} if args.dtype == "float32" else {"state_dtype": args.dtype}
-    predictor = StreamingPredictor(Artifact(make_model(64, 2), "bench", {}, Path(".")), torch.device("cpu"), **extra)
+    artifact = Artifact(make_model(64, 2), "bench", {}, Path("."))
+    predictor = StreamingPredictor(artifact, torch.device("cpu"), **extra)
+    accuracy = None
+    if args.live_accuracy:
+        from streamlstm.serving.accuracy import live_accuracy
+        from streamlstm.serving.metrics import Metrics
+
+        accuracy = live_accuracy(artifact, predictor.table, Metrics())
     rng = np.random.default_rng(0)
     names = [(i % 4, f"key-{i:09d}") for i in range(args.keys)]
 
     def poll(ids: np.ndarray, offset: int) -> None:
         keys = [names[i] for i in ids]
         features = (rng.standard_normal((len(keys), 3)) * (3.0, 5.0, 7.0) + (10.0, 20.0, 12.0)).tolist()
-        result = predictor.advance(keys, features)
+        events = [Event(key, f, None) for (_, key), f in zip(keys, features)]  # decoded, as the daemon has them
+        result = predictor.advance(keys, [e.features for e in events])
+        if accuracy is not None:
+            accuracy.score(result.rows, result.steps, events, result.predictions)
         offsets = np.arange(offset, offset + len(keys), dtype=np.int64)
         predictor.table.stamp(result.rows, offsets, offsets)
 
@@ -62,7 +75,8 @@ def main() -> None:
         events += POLL
         if k % 50 == 49:
             changelog.encode(predictor.table.take_changes(k + 2).changed, "bench")
-    print(f"{Path(sys.modules['streamlstm'].__file__ or '').parent.parent} {args.dtype}: "
+    scored = " live_accuracy" if args.live_accuracy else ""
+    print(f"{Path(sys.modules['streamlstm'].__file__ or '').parent.parent} {args.dtype}{scored}: "
           f"{1e6 * (time.process_time() - started) / events:.2f} µs an event")
 
 
