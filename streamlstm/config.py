@@ -112,6 +112,7 @@ class HttpConfig:
     port: int = 8080
     liveness_timeout_s: float = 30.0
     stall_timeout_s: float = 120.0
+    expose_state: bool = False
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 as correct as one daemon, one HTTP port answering for both, a clean stop, and a pod that ends when a
 worker dies."""
 
+import json
 import os
 import random
 import re
@@ -85,6 +86,10 @@ def test_two_workers_predict_as_offline_and_the_pod_reports_for_both(tmp_path, b
     last = dict(re.findall(r"worker-(\d) streamlstm\.daemon: assigned partitions \[(.*)\]", daemon.log()))
     assert set(last) == {"0", "1"} and all(last.values()), f"each worker ends with partitions: {last}"
     assert http_get(daemon.port, "/healthz") == (200, "ok: 2 workers\n")
+    # GET /keys through the pod's port: the worker holding the key answers; nobody holds "nobody"
+    status, body = http_get(daemon.port, "/keys/k-0")
+    assert status == 200 and json.loads(body)["steps"] == sum(e["key"] == "k-0" for e in good), body
+    assert http_get(daemon.port, "/keys/nobody")[0] == 404
 
     assert daemon.stop(signal.SIGTERM) == 0
     log = daemon.log()

@@ -29,6 +29,7 @@ from .checkpoint import Checkpointer, Outcome
 from .http_server import HttpServer
 from .metrics import Metrics, observe_many
 from .plan import Expiry, plan_batch
+from .queries import Holding, KeyQueries
 from ..state.resident import Admitted, ResidentKeys
 from ..state.store import LocalStores
 from .restore import Restorer
@@ -63,7 +64,9 @@ class Daemon:
         self._serve(artifact, StreamingPredictor(artifact, self.device, state_dtype=cfg.state.dtype))
         self.expiry = Expiry.from_config(cfg.state)
         self.stores = LocalStores(cfg.state.dir_or_default(), self.changelog_topic)
-        self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.exposition, self.healthy, self.ready)
+        self.queries = KeyQueries()
+        self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.exposition, self.healthy, self.ready,
+                               self.queries.ask)
         self._restorer: Restorer | None = None  # both once connected: see the properties below
         self._io: Transport | None = None
         self.backoff = Backoff()
@@ -78,6 +81,7 @@ class Daemon:
         self.predictor = predictor
         self.accuracy = live_accuracy(artifact, predictor.table, self.metrics) if self.cfg.model.live_accuracy else None
         spec = artifact.spec
+        predictor.table.keep_outputs(spec.output_size)
         self.decoder = artifact.decoder(self.cfg.events)
         self.metrics.model.info({"version": artifact.version, "task": spec.task, "device": str(self.device),
                                  "hidden_size": str(spec.hidden_size), "num_layers": str(spec.num_layers),
@@ -88,6 +92,12 @@ class Daemon:
         spec = self.predictor.model.spec
         keep = self.cfg.model.on_reload == "keep_state"
         return spec.num_layers, spec.hidden_size, None if keep else self.predictor.version
+
+    def _holding(self) -> Holding:
+        restorer = self.restorer
+        return Holding(self.predictor.table, self.resident, sorted(tp.partition for tp in restorer.assigned),
+                       sorted(tp.partition for tp in restorer.restoring), self.predictor.version,
+                       self.cfg.http.expose_state)
 
     def healthy(self) -> tuple[bool, str]:
         """Live while the loop progresses; waiting for an unreachable broker is progress, not a hang."""
@@ -207,6 +217,7 @@ class Daemon:
                 if records:
                     self._process(io, records)
                 self.restorer.step()
+                self.queries.answer_all(self._holding)
                 if self.resident.limit and (failed := self.stores.take_failures()):
                     self._restore_anew(failed)
                 self._reload()
@@ -384,6 +395,7 @@ class Daemon:
             result = self.predictor.advance([keys[i] for i in plan.steps], plan.features, np.array(plan.fresh))
             self.predictor.table.stamp(result.rows, np.array([r.offset for r, _ in stepping], dtype=np.int64),
                                        np.array(plan.times, dtype=np.int64))
+            self.predictor.table.set_outputs(result.rows, result.predictions)
             if self.accuracy is not None:
                 self.accuracy.score(result.rows, result.steps, [event for _, event in stepping], result.predictions)
             for size, seconds in result.step_stats:

@@ -1,4 +1,5 @@
-"""The one HTTP port: /metrics for Prometheus, /healthz for liveness, /readyz for readiness.
+"""The one HTTP port: /metrics for Prometheus, /healthz for liveness, /readyz for readiness, and
+/keys/{key} for what is held of one key (serving/queries.py).
 
 Its real clients, Prometheus and the kubelet, send a ~100-byte request and are answered in milliseconds.
 Anything else that reaches the port (a scanner, a half-open connection, garbage, megabytes of headers)
@@ -17,7 +18,9 @@ import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from http import HTTPStatus
+from urllib.parse import unquote
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -40,7 +43,9 @@ LISTEN_BACKLOG = 128
 CHECK_THREADS = 4
 
 Route = Callable[[], tuple[int, str, bytes]]
+KEYS_PREFIX = "/keys/"  # then the key, percent-encoded
 TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
 
 
 class BadRequest(Exception):
@@ -60,9 +65,11 @@ class HttpServer:
     def __init__(
         self, host: str, port: int, metrics: Callable[[], bytes],
         healthy: Callable[[], tuple[bool, str]], ready: Callable[[], tuple[bool, str]],
+        keys: Callable[[str], tuple[int, str, bytes]] | None = None,
     ) -> None:
         self._routes: dict[str, Route] = {"/metrics": lambda: (200, CONTENT_TYPE_LATEST, metrics()),
                                           "/healthz": lambda: _check(healthy), "/readyz": lambda: _check(ready)}
+        self._keys = keys
         self._socket = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
         self._loop = asyncio.new_event_loop()
         self._checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="http-check")
@@ -131,9 +138,12 @@ class HttpServer:
             method, path = await _read_request(reader)
             if method not in ("GET", "HEAD"):
                 raise BadRequest(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not served: only GET and HEAD")
-            route = self._routes.get(path.split("?", 1)[0])
+            target = path.split("?", 1)[0]
+            route = self._routes.get(target)
+            if route is None and self._keys is not None and target.startswith(KEYS_PREFIX) and len(target) > len(KEYS_PREFIX):
+                route = partial(self._keys, unquote(target[len(KEYS_PREFIX):]))
             if route is None:
-                raise BadRequest(HTTPStatus.NOT_FOUND, "not found: try /metrics, /healthz, /readyz")
+                raise BadRequest(HTTPStatus.NOT_FOUND, "not found: try /metrics, /healthz, /readyz, /keys/{key}")
             return method, _response(*await self._loop.run_in_executor(self._checks, _run, route))
         except BadRequest as bad:
             return "GET", _error(bad.status, str(bad))

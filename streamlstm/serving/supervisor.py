@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import http.client
+import json
 import logging
 import multiprocessing
 import os
@@ -27,6 +28,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import cast
+from urllib.parse import quote
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
@@ -34,7 +36,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from ..config import Config
 from ..signals import on_stop_signals
-from .http_server import HttpServer
+from .http_server import JSON, HttpServer
 from .metrics import MULTIPROC_DIR
 
 log = logging.getLogger("streamlstm.workers")  # a stable name: operators query logs by it (README)
@@ -145,7 +147,7 @@ class Supervisor:
         self.pipes: dict[Connection, int] = {}  # to a worker that has not told its port yet -> its index
         self.ports: dict[int, int] = {}  # worker index -> its HTTP port, once its model is loaded
         self.http = HttpServer(cfg.http.host, cfg.http.port, lambda: generate_latest(self.registry),
-                               self.healthy, self.ready)
+                               self.healthy, self.ready, self.key)
 
     def start(self) -> None:
         spawn = multiprocessing.get_context("spawn")
@@ -167,6 +169,18 @@ class Supervisor:
     def ready(self) -> tuple[bool, str]:
         """Ready when every worker is: one with partitions still restoring holds its keys back."""
         return self._ask_all("/readyz", loading_ok=False)
+
+    def key(self, name: str) -> tuple[int, str, bytes]:
+        """GET /keys/{key}: the worker that holds it answers; else 503 if one could not say (restoring,
+        loading, not answering), else 404."""
+        answers = [ask(self.ports[i], "/keys/" + quote(name, safe="")) if i in self.ports else (0, "loading")
+                   for i in range(len(self.procs))]
+        found = next((body for status, body in answers if status == 200), None)
+        if found is not None:
+            return 200, JSON, (found + "\n").encode()
+        status = 503 if any(status != 404 for status, _ in answers) else 404
+        return status, JSON, (json.dumps({"key": name, "workers": [{"status": s, "answer": b} for s, b in answers]})
+                              + "\n").encode()
 
     def _ask_all(self, path: str, loading_ok: bool) -> tuple[bool, str]:
         if len(self.procs) < self.cfg.serve.workers:  # asked while they are being spawned

@@ -169,6 +169,18 @@ class ResidentKeys:
             if name not in names:
                 pending[name] = _Evicted(value, False, seq)
 
+    def stored_value(self, partition: int, name: str) -> bytes | None:
+        """An evicted key's latest changelog value, here or in its store (None: not held, or dropped)."""
+        if not self.limit or self.table.dropped((partition, name)):  # no bound: every key held is resident
+            return None
+        evicted = self._evicted.get(partition, {}).get(name)
+        if evicted is not None:
+            return evicted.value
+        try:
+            return self.stores.fetch(partition, [name]).get(name)
+        except StoreError:
+            return None
+
     def forget_shard(self, shard: int) -> int:
         """A partition's keys out of memory (it moved, or is restored anew); its changelog and store stay."""
         self._evicted.pop(shard, None)

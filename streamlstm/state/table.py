@@ -72,7 +72,7 @@ class StateTable:
         self.device = device
         self.element: Element = ELEMENTS[dtype]
         self.dtype: torch.dtype = getattr(torch, dtype)
-        self._storage: torch.dtype = getattr(torch, self.element.storage.name)  # the host's view: NumPy's
+        self.storage: torch.dtype = getattr(torch, self.element.storage.name)  # the host's view: NumPy's
         self._rows: dict[StateKey, int] = {}
         self._keys: list[StateKey | None] = [None] * capacity
         self._free = list(range(capacity - 1, -1, -1))
@@ -90,6 +90,7 @@ class StateTable:
         self.taken = np.zeros(capacity, dtype=np.int64)  # the take that last took each row's change
         self.pending: np.ndarray | None = None  # see keep_pending
         self.since: np.ndarray | None = None
+        self.outputs: np.ndarray | None = None  # see keep_outputs
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -137,6 +138,17 @@ class StateTable:
         earlier ones are not kept anywhere else), never a former key's of the same row."""
         self.pending = np.zeros((len(self._keys), slots, width), np.float32)
         self.since = self.steps.numpy().copy()
+
+    def keep_outputs(self, width: int) -> None:
+        """Keep each row's last `width` outputs (the key's last prediction, for GET /keys), NaN until its
+        key steps: a key loaded or fetched back has none (the changelog does not hold it)."""
+        self.outputs = np.full((len(self._keys), width), np.nan, np.float32)
+
+    def set_outputs(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Each row's last output of a batch in event order (a row repeated keeps its latest)."""
+        if self.outputs is not None and len(rows):
+            last = len(rows) - 1 - np.unique(rows[::-1], return_index=True)[1]
+            self.outputs[rows[last]] = values[last]
 
     def row(self, key: StateKey) -> int | None:
         return self._rows.get(key)
@@ -218,6 +230,8 @@ class StateTable:
         self.taken[rows] = 0
         if self.since is not None:
             self.since[rows] = 0
+        if self.outputs is not None:
+            self.outputs[rows] = np.nan
 
     def _capacity_for(self, needed: int) -> int:
         """Doubling (amortised O(1) per key), but not past `max_rows` when that is enough."""
@@ -239,6 +253,8 @@ class StateTable:
         if self.pending is not None and self.since is not None:
             self.pending = np.concatenate([self.pending, np.zeros((extra, *self.pending.shape[1:]), np.float32)])
             self.since = np.concatenate([self.since, np.zeros(extra, dtype=np.int64)])
+        if self.outputs is not None:
+            self.outputs = np.concatenate([self.outputs, np.full((extra, self.outputs.shape[1]), np.nan, np.float32)])
         self._free.extend(range(capacity - 1, old - 1, -1))
 
     def reset(self, rows: list[int]) -> None:
@@ -340,7 +356,7 @@ class StateTable:
     def export(self, rows: Sequence[int]) -> Rows:
         """The rows' state on the host, as stored (in the table's element type)."""
         idx = torch.tensor(rows, dtype=torch.int64)
-        h, c = (t.cpu().view(self._storage).numpy() for t in self._select(idx))
+        h, c = (t.cpu().view(self.storage).numpy() for t in self._select(idx))
         return Rows(self._keys_of(rows), h, c, self.steps[idx].numpy(), self.offsets[rows], self.times[rows])
 
     def evict(self, count: int) -> Evicted:
@@ -387,6 +403,8 @@ class StateTable:
         self.taken[index] = seq
         if self.since is not None:
             self.since[index] = state.steps
+        if self.outputs is not None:
+            self.outputs[index] = np.nan
         self._use(index)
         self._dirty.difference_update(rows.tolist())
         if dirty is not None:
