@@ -313,6 +313,10 @@ class StateTable:
         self._dirty.discard(row)
         self._free.append(row)
 
+    def forget(self, keys: Iterable[StateKey]) -> None:
+        """Remove keys from memory only, without a tombstone (state kept nowhere else: the library's drop)."""
+        self._forget(list(dict.fromkeys(row for row in map(self._rows.get, keys) if row is not None)))
+
     def forget_shard(self, shard: int) -> int:
         """Remove a shard's keys from memory only (it moved elsewhere); its changelog stays as it is."""
         count = self._forget(np.flatnonzero(self.shards == shard).tolist())
