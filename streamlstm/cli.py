@@ -1,4 +1,4 @@
-"""The `streamlstm` command: broker, train, serve, predict, demo.
+"""The `streamlstm` command: broker, train, import, serve, predict, demo.
 
 Problems the user can fix (config, model artifact, input files) end the command with exit code 2 and
 one line naming the file or key; no traceback.
@@ -50,6 +50,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                      progress=sys.stderr if sys.stderr.isatty() else None, resume=args.resume)
     print(json.dumps({"model": str(args.out), "version": artifact.version, "training": artifact.training}))
     return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .model.importer import import_weights
+
+    version = import_weights(args.weights, args.out, _names(args.features) or [], _names(args.outputs), args.task,
+                             args.stats, args.prefix)
+    print(json.dumps({"model": str(args.out), "version": version}))
+    return 0
+
+
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated list of names, or None when not given."""
+    return [name.strip() for name in text.split(",") if name.strip()] if text else None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -109,6 +123,17 @@ def parser() -> argparse.ArgumentParser:
                        help="continue the interrupted run of the same data and settings from its checkpoint")
     with_config(train, required=False)
     train.set_defaults(func=cmd_train)
+
+    imp = sub.add_parser("import", help="turn a plain PyTorch LSTM (nn.LSTM + nn.Linear head) into a model artifact")
+    imp.add_argument("--weights", required=True, help="its state_dict: .safetensors, or a torch file (weights_only)")
+    imp.add_argument("--out", required=True, help="model directory to write")
+    imp.add_argument("--features", required=True, help="the input features' names, in the LSTM's input order: a,b,c")
+    imp.add_argument("--outputs", help="the head's outputs: target features (regression) or classes")
+    imp.add_argument("--task", default="regression", choices=["regression", "classification"])
+    imp.add_argument("--stats", help="JSON: feature_mean, feature_std (and target_mean, target_std) the model "
+                     "was trained with; default: none (raw features, as the tutorials train)")
+    imp.add_argument("--prefix", default="", help="a prefix of every parameter name to strip first (e.g. model.)")
+    imp.set_defaults(func=cmd_import)
 
     predict = sub.add_parser("predict", help="score a JSONL event file offline, as the daemon would")
     predict.add_argument("--model", required=True, help="model directory")
