@@ -23,6 +23,12 @@ USAGE_ERROR = 2
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
+    if args.check:
+        from .model.artifact import load_artifact, newest_artifact
+
+        artifact = load_artifact(newest_artifact(cfg.model.path))
+        print(json.dumps({"config": str(args.config), "model": str(artifact.path), "version": artifact.version}))
+        return 0
     configure_logging(cfg.log.level, cfg.log.format)
     if cfg.serve.workers > 1:
         from .serving import (
@@ -97,7 +103,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
-    return run_demo(Path(args.workdir) if args.workdir else None)
+    return run_demo(Path(args.workdir) if args.workdir else None, Path(args.picture) if args.picture else None)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -111,6 +117,8 @@ def parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the daemon")
     with_config(serve, required=True)
+    serve.add_argument("--check", action="store_true", help="check the configuration and the model it names, "
+                       "then exit (0: both load; 2: the line says what is wrong); no Kafka is contacted")
     serve.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="train a model artifact from an event file or a Kafka topic")
@@ -148,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="broker + training + daemon + replay of a real data set, then a summary")
     demo.add_argument("--workdir", help="keep the demo's files here (default: a temporary directory)")
+    demo.add_argument("--picture", help="the PNG of a few series' forecasts (default: forecasts.png in --workdir, "
+                      "else streamlstm-demo.png here)")
     demo.set_defaults(func=cmd_demo)
     return p
 

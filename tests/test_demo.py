@@ -1,6 +1,7 @@
 """`streamlstm demo` runs the whole system on the real data set and cleans up after itself."""
 
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -19,6 +20,18 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def png_text(data: bytes) -> dict[str, str]:
+    """A PNG's tEXt chunks (keyword NUL text), read chunk by chunk: length, type, data, CRC."""
+    texts, at = {}, 8
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        if kind == b"tEXt":
+            keyword, _, text = data[at + 8:at + 8 + length].partition(b"\0")
+            texts[keyword.decode("latin-1")] = text.decode("latin-1")
+        at += 12 + length
+    return texts
+
+
 def test_demo_completes_prints_its_summary_and_leaves_no_process(tmp_path):
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "streamlstm", "demo", "--workdir", str(tmp_path)],
@@ -35,6 +48,13 @@ def test_demo_completes_prints_its_summary_and_leaves_no_process(tmp_path):
     assert re.search(r"latency p50 / p99\s+\d+ ms / \d+ ms", out)
     model, naive = map(float, re.search(r"model (\S+) vs naive last value (\S+):", out).groups())
     assert model <= 0.9 * naive, (model, naive)  # acceptance: at least 10 % below the naive MAE on the unseen tail
+
+    picture = Path(re.search(r"picture\s+(\S+)", out).group(1))
+    assert picture == tmp_path / "forecasts.png"
+    data = picture.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and 30_000 < len(data) < 2_000_000
+    named = re.search(r"picture\s+\S+\s+\(series ([^:]+):", out).group(1)
+    assert png_text(data)["Description"] == f"series: {named}", "the PNG names the series it draws"
 
     port = re.search(r"embedded broker on 127\.0\.0\.1:(\d+)", out).group(1)
     assert not _processes_mentioning(f"127.0.0.1:{port}"), "the broker is still running"

