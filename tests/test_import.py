@@ -89,7 +89,10 @@ def test_an_imported_model_steps_as_the_plain_models_forward_over_each_prefix(pl
 
 def test_a_daemon_serves_the_imported_model_as_its_plain_forward(plain, tmp_path, broker, daemon_factory, capsys):
     model, where = plain
-    assert run("--weights", where / "model.pt", "--out", tmp_path / "m", "--features", "s,c", "--outputs", "s") == 0
+    for weights, out in (("model.pt", "m"), ("model.safetensors", "m2")):  # saved both ways: one model
+        assert run("--weights", where / weights, "--out", tmp_path / out, "--features", "s,c", "--outputs", "s") == 0
+    versions = [json.loads(line)["version"] for line in capsys.readouterr().out.splitlines()]
+    assert len(versions) == 2 and versions[0] == versions[1]
     daemon = daemon_factory(tmp_path / "m")
     prepare(daemon)
     daemon.start()
