@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from conftest import event_value, http_get, produce
-from streamlstm.serving.queries import Holding, KeyQueries, describe
+from streamlstm.serving.queries import MAX_WAITING, Holding, KeyQueries, describe
 from streamlstm.state.resident import ResidentKeys
 from streamlstm.state.store import LocalStores, StoreMeta
 from streamlstm.state.table import StateTable
@@ -90,6 +90,21 @@ def test_the_mailbox_answers_from_the_loop_and_times_out_without_it(tmp_path):
         queries.answer_all(lambda: at)
     asker.join()
     assert result[0][0] == 200
+
+
+def test_queries_beyond_the_waiting_limit_are_refused_so_probes_keep_their_threads(tmp_path):
+    queries = KeyQueries()
+    waiting = [threading.Thread(target=queries.ask, args=("a",)) for _ in range(MAX_WAITING)]
+    for thread in waiting:
+        thread.start()
+    while queries._waiting.qsize() < MAX_WAITING:  # both are in the mailbox, holding their slots
+        time.sleep(0.001)
+    status, _, body = queries.ask("b")
+    assert status == 503 and b"waiting already" in body
+    at = holding(tmp_path)
+    queries.answer_all(lambda: at)
+    for thread in waiting:
+        thread.join()
 
 
 def test_a_daemon_answers_for_its_keys_over_http(broker, daemon_factory):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -25,6 +26,9 @@ from ..state.table import StateTable
 from .http_server import JSON
 
 ANSWER_TIMEOUT_S = 2.0  # a loop busy for longer (a long checkpoint, a restore's bulk load) answers 503
+# Queries waiting at once: each holds one of the HTTP server's few check threads while it waits, and
+# the probes and scrapes must always find one free (a flood of queries is answered 503 instead).
+MAX_WAITING = 2
 Answer = tuple[int, str, bytes]
 
 
@@ -96,15 +100,20 @@ class KeyQueries:
 
     def __init__(self) -> None:
         self._waiting: queue.SimpleQueue[tuple[str, Future[Answer]]] = queue.SimpleQueue()
+        self._slots = threading.BoundedSemaphore(MAX_WAITING)
 
     def ask(self, name: str) -> Answer:
-        """From the HTTP thread: the loop's answer, or 503 if it does not come in time."""
-        answer: Future[Answer] = Future()
-        self._waiting.put((name, answer))
+        """From the HTTP thread: the loop's answer, or 503 if it does not come in time (or too many wait)."""
+        if not self._slots.acquire(blocking=False):
+            return _json(503, {"key": name, "error": f"{MAX_WAITING} key queries are waiting already; try again"})
         try:
+            answer: Future[Answer] = Future()
+            self._waiting.put((name, answer))
             return answer.result(ANSWER_TIMEOUT_S)
         except FutureTimeout:
             return _json(503, {"key": name, "error": f"the poll loop did not answer within {ANSWER_TIMEOUT_S:g} s"})
+        finally:
+            self._slots.release()
 
     def answer_all(self, holding: Callable[[], Holding]) -> None:
         """From the poll loop, between polls: every query waiting."""
