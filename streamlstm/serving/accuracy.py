@@ -49,6 +49,8 @@ class ForecastAccuracy:
             row, step = rows[positions], steps[positions]
             slot = step % self.horizon
             held = pending[row, slot]
+            # `since` as the step left it: a restored key reset in this poll reads 0 for its events before the
+            # reset too, which could score one of them against a slot from before the restore (rare; README)
             due = step - self.horizon > since[row]
             outcome = actual[positions][due].astype(np.float64)
             model_err.append(np.abs(held[due, :k] - outcome))
