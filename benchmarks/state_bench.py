@@ -71,6 +71,7 @@ from streamlstm.state.store import LocalStores, StoreMeta  # noqa: E402
 from streamlstm.state.table import StateKey, StateTable  # noqa: E402
 from streamlstm.events import REASONS  # noqa: E402
 from streamlstm.serving.checkpoint import Checkpointer  # noqa: E402
+from streamlstm.serving.lane import Lane  # noqa: E402
 from streamlstm.serving.metrics import Metrics  # noqa: E402
 from streamlstm.serving.plan import Expiry  # noqa: E402
 from streamlstm.transport import open_changelog, open_transport  # noqa: E402
@@ -227,7 +228,8 @@ def checkpoint(cfg: KafkaConfig, table: StateTable, topic: str, directory: Path,
         stores.wait()
         metrics = Metrics(REASONS, (cfg.output_topic, cfg.dlq_topic, topic))
         resident = ResidentKeys(table, stores, 0, (layers, hidden, None), MODEL_VERSION)
-        checkpointer = Checkpointer(io, resident, stores, metrics, topic, Expiry(0, False), MODEL_VERSION)
+        lane = Lane("primary", resident, stores, topic, (layers, hidden, None), MODEL_VERSION)
+        checkpointer = Checkpointer(io, [lane], metrics, Expiry(0, False))
         t0 = time.perf_counter()
         checkpointer.begin()
         t1 = time.perf_counter()

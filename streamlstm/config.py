@@ -40,6 +40,7 @@ class KafkaConfig:
     input_topic: str = "events"
     output_topic: str = "predictions"
     dlq_topic: str = "events-dlq"
+    shadow_topic: str = ""
     group_id: str = "streamlstm"
     group_instance_id: str = ""
     assignor: Literal["range", "cooperative-sticky"] = "range"
@@ -78,6 +79,7 @@ class ModelConfig:
     reload_interval_s: float = 10.0
     on_reload: Literal["keep_state", "reset_state"] = "keep_state"
     live_accuracy: bool = True
+    shadow_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,11 @@ class StateConfig:
         """The local stores' directory: state.dir, or one under the system's temporary directory."""
         return Path(self.dir) if self.dir else Path(tempfile.gettempdir()) / "streamlstm-state"
 
-    def changelog_for(self, kafka: KafkaConfig) -> str:
-        """Per group and input topic, like Kafka Streams' <application.id>-<store>-changelog."""
-        return self.changelog_topic or f"{kafka.group_id}-{kafka.input_topic}-changelog"
+    def changelog_for(self, kafka: KafkaConfig, shadow: bool = False) -> str:
+        """Per group and input topic, like Kafka Streams' <application.id>-<store>-changelog; the shadow
+        model's state beside it, with -shadow appended."""
+        topic = self.changelog_topic or f"{kafka.group_id}-{kafka.input_topic}-changelog"
+        return f"{topic}-shadow" if shadow else topic
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,14 @@ class _Builder:
                 _validate(f"{section}.{key}", kinds[key], value)
         _check_client(parts["kafka"])
         _check_resident(parts["state"], parts["kafka"])
+        _check_shadow(parts["model"], parts["state"])
         return Config(**parts)
+
+
+def _check_shadow(model: ModelConfig, state: StateConfig) -> None:
+    if model.shadow_path and state.max_resident_keys:
+        raise ConfigError("config: model.shadow_path cannot be combined with state.max_resident_keys yet (a shadow "
+                          "keeps every key resident); set state.max_resident_keys: 0 or remove model.shadow_path")
 
 
 def _check_resident(state: StateConfig, kafka: KafkaConfig) -> None:

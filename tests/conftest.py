@@ -123,7 +123,7 @@ class DaemonProcess:
             env["STREAMLSTM_CRASH_AT"] = crash_at
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamlstm", "serve", "--config", str(self.config_file)],
-            stdout=open(self.log_file, "wb"), stderr=subprocess.STDOUT, env=env)
+            stdout=open(self.log_file, "ab"), stderr=subprocess.STDOUT, env=env)  # restarts append: a failure shows every run
         if wait_ready:
             self.wait_for(lambda: http_get(self.port, "/readyz")[0] == 200, timeout_s, "daemon ready")
         return self

@@ -100,7 +100,7 @@ class MemoryTransport(Bookkeeping):
             else:
                 offset = self.broker.append(record)
                 if state:
-                    self._acked_state(record.partition, offset)
+                    self._acked_state(record.topic, record.partition, offset)
 
     def rebalance(self, listener: Rebalance, assigned: set[TopicPartition], cooperative: bool = False) -> None:
         """An eager rebalance: everything revoked, then `assigned` given, each consuming from its commit.

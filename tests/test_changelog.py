@@ -180,3 +180,24 @@ def test_encoding_in_chunks_gives_each_row_the_value_it_gets_alone(monkeypatch):
                                    rows.offsets[i:i + 1], rows.times[i:i + 1]), "v1")[0] for i in range(n)]
     monkeypatch.setattr(changelog, "ENCODE_CHUNK", 3)
     assert changelog.encode(rows, "v1") == alone
+
+
+def test_the_primary_adopts_a_promoted_shadows_state_where_its_own_changelog_lacks_the_served_version():
+    """After a promotion the primary's changelog holds the shadow's state only once a checkpoint wrote
+    it there; until then (a crash), and for a partition from a pod that has not promoted, the newest
+    record of the served version may be in the shadow's. A key takes the shadow's record when it is
+    newer, or as new and the primary's is another version's; the keys taken are returned."""
+    def fold(records):
+        restore = PartitionRestore(shard=0, cut=100)
+        for key, offset, version, hidden in records:
+            restore.add(key.encode(), changelog.encode(rows_of([(0, key)], [offset], hidden=hidden), version)[0], [])
+        return restore
+
+    primary = fold([("same", 5, "v1", 3), ("copied", 5, "v2", 4), ("newer", 9, "v1", 3), ("dropped", 2, "v1", 3)])
+    primary.add(b"dropped", None, changelog.tombstone_headers(8))
+    shadow = fold([("same", 5, "v2", 4), ("copied", 5, "v2", 4), ("only", 7, "v2", 4), ("newer", 3, "v2", 4),
+                   ("dropped", 6, "v2", 4), ("other", 6, "v3", 4)])
+    assert sorted(primary.adopt(shadow, "v2")) == ["only", "same"]
+    state, incompatible = primary.rows(2, 4, "v2")
+    assert [key for _, key in state.keys] == ["same", "copied", "only"] and incompatible == 1  # "newer": v1's
+    assert state.offsets.tolist() == [5, 5, 7]

@@ -21,6 +21,7 @@ from memory_transport import MemoryBroker, MemoryChangelog, MemoryTransport
 from streamlstm.config import KafkaConfig
 from streamlstm.events import REASONS
 from streamlstm.serving.checkpoint import Checkpointer, Outcome
+from streamlstm.serving.lane import Lane
 from streamlstm.serving.metrics import Metrics
 from streamlstm.serving.plan import Expiry
 from streamlstm.serving.restore import Restorer
@@ -38,7 +39,7 @@ from streamlstm.transport.api import (
 )
 
 CPU = torch.device("cpu")
-INPUT, CHANGELOG = "events", "events-state"
+INPUT, CHANGELOG, SHADOW_CHANGELOG = "events", "events-state", "events-state-shadow"
 P0, P1 = TopicPartition(INPUT, 0), TopicPartition(INPUT, 1)
 LAYERS, HIDDEN = 2, 3
 NO_TTL = Expiry(ttl_ms=0, event_clock=True)
@@ -56,6 +57,8 @@ class Node:
     expiry: Expiry = NO_TTL
     state_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="node-")))  # a fresh pod's
     max_resident_keys: int = 0
+    version: str = "v1"
+    shadow: tuple[str, int] | None = None  # a shadow lane's model version and hidden size
 
     def __post_init__(self) -> None:
         self.io = MemoryTransport(KafkaConfig(input_topic=INPUT), self.broker)
@@ -63,12 +66,19 @@ class Node:
         self.table = StateTable(self.layers, self.hidden, CPU, capacity=4)
         self.metrics = Metrics(REASONS, ("predictions", "events-dlq", CHANGELOG))
         self.stores = LocalStores(self.state_dir, CHANGELOG)
-        self.resident = ResidentKeys(self.table, self.stores, self.max_resident_keys, (self.layers, self.hidden, None),
-                                     "v1")
-        self.checkpointer = Checkpointer(self.io, self.resident, self.stores, self.metrics, CHANGELOG, self.expiry,
-                                         "v1")
-        self.restorer = Restorer(self.io, self.reader, (INPUT, CHANGELOG), self.resident, self.stores, self.metrics,
-                                 (self.layers, self.hidden, None), "v1")
+        accepts = (self.layers, self.hidden, None)
+        self.resident = ResidentKeys(self.table, self.stores, self.max_resident_keys, accepts, self.version)
+        self.lane = Lane("primary", self.resident, self.stores, CHANGELOG, accepts, self.version, self.reader)
+        self.lanes = [self.lane]
+        if self.shadow is not None:
+            version, hidden = self.shadow
+            table, stores = StateTable(self.layers, hidden, CPU, capacity=4), LocalStores(self.state_dir / "shadow",
+                                                                                          SHADOW_CHANGELOG)
+            accepts = (self.layers, hidden, version)
+            self.lanes.append(Lane("shadow", ResidentKeys(table, stores, 0, accepts, version), stores, SHADOW_CHANGELOG,
+                                   accepts, version, MemoryChangelog(self.broker, SHADOW_CHANGELOG)))
+        self.checkpointer = Checkpointer(self.io, self.lanes, self.metrics, self.expiry)
+        self.restorer = Restorer(self.io, self.lanes, INPUT, self.metrics)
 
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         self.restorer.on_revoked(partitions)
@@ -88,12 +98,13 @@ class Node:
         stepped to a new h and c that depend on the old ones and on the key and offset (the same on every
         node for the same history), stamped, the record marked done."""
         self.resident.admit([(partition, key)])
-        rows = self.table.rows([(partition, key)])
-        g = torch.Generator().manual_seed(zlib.crc32(f"{partition}/{key}/{offset}".encode()))
-        h, c = self.table.gather(rows)
-        self.table.scatter(rows, h / 2 + torch.randn(self.layers, 1, self.hidden, generator=g),
-                           c / 2 + torch.randn(self.layers, 1, self.hidden, generator=g))
-        self.table.stamp(rows.numpy(), np.array([offset]), np.array([time_ms]))
+        for lane in self.lanes[:1] + [lane for lane in self.lanes[1:] if lane.version != self.lane.version]:
+            table = lane.table
+            rows = table.rows([(partition, key)])
+            g = torch.Generator().manual_seed(zlib.crc32(f"{partition}/{key}/{offset}".encode()))
+            h, c = table.gather(rows)
+            table.scatter(rows, h / 2 + torch.randn(*h.shape, generator=g), c / 2 + torch.randn(*c.shape, generator=g))
+            table.stamp(rows.numpy(), np.array([offset]), np.array([time_ms]))
         self.io.mark_done([Record(INPUT, partition, offset, time_ms, key.encode(), b"{}", [])])
 
     def end(self, partition: int, key: str, offset: int) -> None:
@@ -116,12 +127,13 @@ class Node:
                 return steps
         raise AssertionError("the restore never finished")
 
-    def state(self, shard: int) -> dict[str, KeyState]:
-        """Each key of `shard` in the table, with everything a restore must bring back."""
-        rows = np.flatnonzero(self.table.shards == shard).tolist()
+    def state(self, shard: int, lane: int = 0) -> dict[str, KeyState]:
+        """Each key of `shard` in a lane's table, with everything a restore must bring back."""
+        table = self.lanes[lane].table
+        rows = np.flatnonzero(table.shards == shard).tolist()
         if not rows:
             return {}
-        s = self.table.export(rows)
+        s = table.export(rows)
         return {key: (s.h[:, i].tolist(), s.c[:, i].tolist(), int(s.steps[i]), int(s.offsets[i]), int(s.times[i]))
                 for i, (_, key) in enumerate(s.keys)}
 
@@ -137,10 +149,12 @@ class Node:
     def refused(self, reason: str) -> float | None:
         return self.metrics.registry.get_sample_value("streamlstm_local_store_refused_total", {"reason": reason})
 
-    def restarted(self, **changes: int) -> Node:
+    def restarted(self, **changes: object) -> Node:
         """This node's process started again on the same state.dir (the broker's records kept)."""
-        self.stores.close()
-        return Node(self.broker, state_dir=self.state_dir, **{"layers": self.layers, "hidden": self.hidden} | changes)
+        for lane in self.lanes:
+            lane.stores.close()
+        return Node(self.broker, state_dir=self.state_dir, **{"layers": self.layers, "hidden": self.hidden,
+                                                              "version": self.version, "shadow": self.shadow} | changes)
 
     def sends(self) -> list[str]:
         return [call for call in self.io.calls if call.startswith("send")]
@@ -623,3 +637,44 @@ def test_a_local_store_ahead_of_the_committed_offset_is_refused() -> None:
     assert again.refused("ahead") == 1 and again.restores("changelog") == 1
     assert again.state(0) == from_changelog(n.broker).state(0)
     assert max(state[3] for state in again.state(0).values()) < 4  # offsets of the events before the cut
+
+
+# A shadow lane.
+
+def test_one_checkpoint_writes_both_lanes_changelogs_before_its_one_commit() -> None:
+    n = Node(shadow=("v2", 4))
+    n.step(0, "a", 0)
+    n.step(1, "b", 0)
+    n.checkpointer.checkpoint()
+    assert n.io.calls == ["send events-state/0 a", "send events-state/1 b", "send events-state-shadow/0 a",
+                          "send events-state-shadow/1 b", "flush", "commit events/0@1 events/1@1"]
+
+
+def test_a_partition_restores_both_lanes_each_from_its_changelog_and_resumes_once_both_have() -> None:
+    n = Node(shadow=("v2", 4))
+    for offset, key in enumerate("abcab"):
+        n.step(0, key, offset)
+    n.checkpointer.checkpoint()
+    again = Node(n.broker, shadow=("v2", 4))
+    assert again.assign({P0}) >= 1 and again.io.paused == set()
+    assert again.state(0) == n.state(0) and again.state(0, lane=1) == n.state(0, lane=1)
+    assert len(next(iter(again.state(0, lane=1).values()))[0][0]) == 4  # the shadow's own shape
+
+
+def test_after_a_promotion_a_restore_takes_the_shadows_newer_state_and_writes_it_to_the_primary_changelog() -> None:
+    """A crash after the served model became the shadow's version and before a checkpoint copied the
+    shadow's state: the primary's changelog holds the old model's state; the restore takes the shadow's."""
+    n = Node(shadow=("v2", 4))
+    for offset, key in enumerate("abcab"):
+        n.step(0, key, offset)
+    n.checkpointer.checkpoint()
+    promoted = n.restarted(hidden=4, version="v2")  # model.path now holds v2, model.shadow_path still does
+    promoted.assign({P0})
+    assert promoted.state(0) == n.state(0, lane=1) and promoted.state(0, lane=1) == {}  # the shadow is idle
+    promoted.io.calls.clear()
+    promoted.checkpointer.checkpoint()
+    assert promoted.io.calls == ["send events-state/0 a", "send events-state/0 b", "send events-state/0 c", "flush",
+                                 "commit"]
+    later = promoted.restarted(shadow=None)  # the primary's changelog holds it now: no shadow needed
+    later.assign({P0})
+    assert later.state(0) == n.state(0, lane=1)

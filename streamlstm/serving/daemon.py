@@ -19,15 +19,15 @@ import torch
 from ..config import Config
 from ..events import REASONS, Event, Rejection, encode_record, prediction_record
 from ..model.artifact import Artifact, ArtifactError, load_artifact, newest_artifact
-from ..model.predictor import StreamingPredictor, resolve_device
-from ..model.reload import ModelWatcher
+from ..model.predictor import Advance, resolve_device
 from ..transport import open_changelog, open_transport, prepare_topics
 from ..transport.api import Failure, Record, TopicPartition, Transport, TransportError
-from .accuracy import live_accuracy
 from .backoff import BACKOFF_MAX_S, Backoff
 from .checkpoint import Checkpointer, Outcome
 from .http_server import HttpServer
+from .lane import Lane, Steps
 from .metrics import Metrics, observe_many
+from .models import Models, load_shadow, shadow_dir
 from .plan import Expiry, plan_batch
 from .queries import Holding, KeyQueries
 from ..state.resident import Admitted, ResidentKeys
@@ -60,10 +60,15 @@ class Daemon:
         torch.set_num_threads(cfg.model.cpu_threads)
         self.device = resolve_device(cfg.model.device)
         artifact = load_artifact(newest_artifact(cfg.model.path), self.device)
-        self.watcher = ModelWatcher(cfg.model.path, artifact.path, self.device, cfg.model.reload_interval_s)
-        self._serve(artifact, StreamingPredictor(artifact, self.device, state_dtype=cfg.state.dtype))
+        shadow = load_shadow(cfg, self.device, artifact)
+        self.models = Models(cfg, self.device, self.metrics, artifact, shadow)
         self.expiry = Expiry.from_config(cfg.state)
-        self.stores = LocalStores(cfg.state.dir_or_default(), self.changelog_topic)
+        state_dir = cfg.state.dir_or_default()
+        self.lanes = [self._lane("primary", artifact, LocalStores(state_dir, self.changelog_topic), self.changelog_topic)]
+        if shadow is not None:
+            topic = cfg.state.changelog_for(cfg.kafka, shadow=True)
+            self.lanes.append(self._lane("shadow", shadow, LocalStores(shadow_dir(state_dir), topic), topic))
+        self._served(artifact)
         self.queries = KeyQueries()
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics.exposition, self.healthy, self.ready,
                                self.queries.ask)
@@ -75,29 +80,51 @@ class Daemon:
         self._reached: set[TopicPartition] = set()  # those stopped there, paused until committed up to it
         self.watchdog = ProgressWatchdog(cfg.http.stall_timeout_s)
         log.info("model %s loaded from %s on %s", artifact.version, artifact.path, self.device)
+        if shadow is not None:
+            log.info("shadow model %s loaded from %s: stepped on the same events, its state in %s%s", shadow.version,
+                     shadow.path, self.lanes[1].changelog_topic,
+                     f", its predictions to {cfg.kafka.shadow_topic}" if cfg.kafka.shadow_topic else "")
 
-    def _serve(self, artifact: Artifact, predictor: StreamingPredictor) -> None:
-        """Make `predictor` the one that steps, with the event decoder and model info that go with it."""
-        self.predictor = predictor
-        self.accuracy = live_accuracy(artifact, predictor.table, self.metrics) if self.cfg.model.live_accuracy else None
+    def _lane(self, role: str, artifact: Artifact, stores: LocalStores, topic: str) -> Lane:
+        """A lane serving `artifact` from an empty table; its changelog reader comes once connected."""
+        predictor = self.models.predictor(artifact)
+        resident = ResidentKeys(predictor.table, stores, self.cfg.state.max_resident_keys if role == "primary" else 0,
+                                (0, 0, None), artifact.version)
+        lane = Lane(role, resident, stores, topic, (0, 0, None), artifact.version)
+        self.models.put(lane, artifact, predictor)
+        return lane
+
+    @property
+    def primary(self) -> Lane:
+        return self.lanes[0]
+
+    @property
+    def resident(self) -> ResidentKeys:
+        return self.primary.resident
+
+    def _shadows(self) -> list[Lane]:
+        """The shadow lanes that step: not one of the served version (promoted: idle)."""
+        return [lane for lane in self.lanes[1:] if lane.version != self.primary.version]
+
+    def _served(self, artifact: Artifact) -> None:
+        """The event decoder and model info that go with the served model."""
         spec = artifact.spec
-        predictor.table.keep_outputs(spec.output_size)
         self.decoder = artifact.decoder(self.cfg.events)
         self.metrics.model.info({"version": artifact.version, "task": spec.task, "device": str(self.device),
                                  "hidden_size": str(spec.hidden_size), "num_layers": str(spec.num_layers),
                                  "state_dtype": self.cfg.state.dtype})
-
-    def _accepts(self) -> tuple[int, int, str | None]:
-        """The changelog state the served model can take on: its shape, and under reset_state its version."""
-        spec = self.predictor.model.spec
-        keep = self.cfg.model.on_reload == "keep_state"
-        return spec.num_layers, spec.hidden_size, None if keep else self.predictor.version
+        shadow = self.models.shadow
+        if shadow is not None:
+            self.metrics.shadow.info({"version": shadow.version, "hidden_size": str(shadow.spec.hidden_size),
+                                      "num_layers": str(shadow.spec.num_layers),
+                                      "stepping": str(shadow.version != artifact.version).lower()})
 
     def _holding(self) -> Holding:
         restorer = self.restorer
-        return Holding(self.predictor.table, self.resident, sorted(tp.partition for tp in restorer.assigned),
-                       sorted(tp.partition for tp in restorer.restoring), self.predictor.version,
-                       self.cfg.http.expose_state)
+        shadows = self._shadows()
+        return Holding(self.primary.table, self.resident, sorted(tp.partition for tp in restorer.assigned),
+                       sorted(tp.partition for tp in restorer.restoring), self.primary.version,
+                       self.cfg.http.expose_state, (shadows[0].table, shadows[0].version) if shadows else None)
 
     def healthy(self) -> tuple[bool, str]:
         """Live while the loop progresses; waiting for an unreachable broker is progress, not a hang."""
@@ -144,15 +171,12 @@ class Daemon:
         if io is None:
             self.http.stop()
             return
-        self.resident = ResidentKeys(self.predictor.table, self.stores, self.cfg.state.max_resident_keys,
-                                     self._accepts(), self.predictor.version)
-        self._restorer = Restorer(io, open_changelog(kafka, self.changelog_topic), (kafka.input_topic,
-                                  self.changelog_topic), self.resident, self.stores, self.metrics, self._accepts(),
-                                  self.predictor.version)
-        self.checkpointer = Checkpointer(io, self.resident, self.stores, self.metrics, self.changelog_topic,
-                                         self.expiry, self.predictor.version)
+        for lane in self.lanes:
+            lane.reader = open_changelog(kafka, lane.changelog_topic)
+        self._restorer = Restorer(io, self.lanes, kafka.input_topic, self.metrics)
+        self.checkpointer = Checkpointer(io, self.lanes, self.metrics, self.expiry)
         log.info("consuming %s as group %s from %s; state in %s and local stores in %s", kafka.input_topic,
-                 kafka.group_id, kafka.bootstrap_servers, self.changelog_topic, self.stores.directory)
+                 kafka.group_id, kafka.bootstrap_servers, self.changelog_topic, self.primary.stores.directory)
         if kafka.processing_guarantee == "exactly_once":
             log.info("exactly_once: read_committed consumers see the outputs once per checkpoint, every %d ms "
                      "(state.checkpoint_interval_ms; Kafka Streams: 100 ms)", self.cfg.state.checkpoint_interval_ms)
@@ -166,11 +190,12 @@ class Daemon:
             if failed := self.checkpointer.checkpoint().failed:
                 log.warning("input partitions %s stay uncommitted (the broker refused their records); their "
                             "next owner redoes them from their last commit", sorted(failed))
-        finally:  # the transport first: leaving the group revokes, which stops the reader's restores
-            self.watcher.close()
+        finally:  # the transport first: leaving the group revokes, which stops the readers' restores
+            self.models.close()
             io.close()
-            self.restorer.reader.close()
-            self.stores.close()
+            for lane in self.lanes:
+                lane.changelog.close()
+                lane.stores.close()
             self.http.stop()
         log.info("stopped")
 
@@ -182,7 +207,7 @@ class Daemon:
         kafka, last_error = self.cfg.kafka, ""
         while not self._stop.is_set():
             try:
-                prepare_topics(kafka, self.changelog_topic)
+                prepare_topics(kafka, [lane.changelog_topic for lane in self.lanes])
                 self._io = open_transport(kafka, self)
                 self.backoff.reset()
                 return self._io
@@ -218,7 +243,7 @@ class Daemon:
                     self._process(io, records)
                 self.restorer.step()
                 self.queries.answer_all(self._holding)
-                if self.resident.limit and (failed := self.stores.take_failures()):
+                if self.resident.limit and (failed := self.primary.stores.take_failures()):
                     self._restore_anew(failed)
                 self._reload()
                 if checkpointer.writing:
@@ -227,7 +252,7 @@ class Daemon:
                 elif time.monotonic() >= next_checkpoint:
                     self._begin_checkpoint()
                     self._report_lag(io)
-                    self.metrics.stored_keys.set(self.stores.stored_keys())
+                    self.metrics.stored_keys.set(self.primary.stores.stored_keys())
                     next_checkpoint = time.monotonic() + interval
             except TransportError as exc:  # a broker that does not answer: sends never raise, these calls may
                 delay = self.backoff.next()
@@ -309,31 +334,30 @@ class Daemon:
         io.reopen_producer()
 
     def _reload(self) -> None:
-        """Swap in a newer model between two steps, or report one that failed to load and keep serving.
-
-        A checkpoint first, so a replay after a crash never crosses the swap. The keys keep their state
-        under keep_state if the shapes agree; otherwise every key starts from zero with the new model.
-        """
-        loaded = self.watcher.poll()
-        if isinstance(loaded, ArtifactError):
-            self.metrics.reloads.labels("failed").inc()
-            log.error("model reload failed, still serving %s: %s", self.predictor.version, loaded)
-            return
-        if loaded is None or loaded.version == self.predictor.version:
-            return
-        self._checkpoint()
-        old, spec, table = self.predictor.version, loaded.spec, self.predictor.table
-        keep = self._accepts()[:2] == (spec.num_layers, spec.hidden_size) and self.cfg.model.on_reload == "keep_state"
-        if not keep:
-            self.resident.restart(spec.num_layers, spec.hidden_size)
-        self._serve(loaded, StreamingPredictor(loaded, self.device, table=table))
-        self.restorer.accepts = self.resident.accepts = self._accepts()
-        self.restorer.version = self.resident.version = loaded.version
-        self.checkpointer.model_version = loaded.version
-        self.metrics.reloads.labels("swapped").inc()
-        self.metrics.live_keys.set(len(table))
-        log.info("model %s swapped in from %s (was %s); keys' state %s", loaded.version, loaded.path, old,
-                 "carried over" if keep else "restarted from zero")
+        """Swap in a newer model (the primary's or the shadow's) between two steps, or report one that
+        failed to load and keep serving. A checkpoint first, so a replay after a crash never crosses the
+        swap; what the swap does to the keys' state: serving/models.py."""
+        models = self.models
+        for role, watcher in (("primary", models.watcher), ("shadow", models.shadow_watcher)):
+            loaded = None if watcher is None else watcher.poll()
+            lane = self.primary if role == "primary" else self.lanes[-1]
+            if isinstance(loaded, ArtifactError) or (loaded is not None and models.refused(loaded, role)):
+                reason = loaded if isinstance(loaded, ArtifactError) else models.refused(loaded, role)
+                self.metrics.reloads.labels("failed").inc()
+                log.error("%s model reload failed, still serving %s: %s", role, lane.version, reason)
+            elif loaded is not None and loaded.version != lane.version:
+                self._checkpoint()
+                old = lane.version
+                if role == "primary":
+                    became = models.swap_primary(loaded, lane, self.lanes[1] if len(self.lanes) > 1 else None)
+                else:
+                    models.swap_shadow(loaded, lane)
+                    became = "started from zero"
+                self._served(models.primary)
+                self.metrics.reloads.labels("swapped").inc()
+                self.metrics.live_keys.set(len(self.primary.table))
+                log.info("%s model %s swapped in from %s (was %s); keys' state %s", role, loaded.version, loaded.path,
+                         old, became)
 
     # Rebalance callbacks: on kafka-python's IO thread, while the loop above waits inside poll().
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
@@ -388,33 +412,42 @@ class Daemon:
             accepted = [(record, event) for record, event in accepted if record.partition not in failed]
             keys = [(record.partition, event.key) for record, event in accepted]
         plan = plan_batch(keys, [event for _, event in accepted], [record.offset for record, _ in accepted],
-                          [record.timestamp for record, _ in accepted], self.predictor.table.time_of, self.expiry,
+                          [record.timestamp for record, _ in accepted], self.primary.table.time_of, self.expiry,
                           int(time.time() * 1000))
+        serving = [self.primary, *self._shadows()]
         if plan.steps:
             stepping = [accepted[i] for i in plan.steps]
-            result = self.predictor.advance([keys[i] for i in plan.steps], plan.features, np.array(plan.fresh))
-            self.predictor.table.stamp(result.rows, np.array([r.offset for r, _ in stepping], dtype=np.int64),
-                                       np.array(plan.times, dtype=np.int64))
-            self.predictor.table.set_outputs(result.rows, result.predictions)
-            if self.accuracy is not None:
-                self.accuracy.score(result.rows, result.steps, [event for _, event in stepping], result.predictions)
+            steps = Steps([keys[i] for i in plan.steps], plan.features, np.array(plan.fresh),
+                          np.array([r.offset for r, _ in stepping], dtype=np.int64), np.array(plan.times, dtype=np.int64),
+                          [event for _, event in stepping])
+            result = self.primary.step(steps)
             for size, seconds in result.step_stats:
                 m.step_batch.observe(size)
                 m.step_duration.observe(seconds)
-            version = self.predictor.version
-            for (record, event), prediction, step in zip(stepping, result.predictions.tolist(), result.steps.tolist()):
-                event_ts = record.timestamp if event.ts is None else event.ts
-                published = prediction_record(event, prediction, step, version,
-                                              (record.topic, record.partition, record.offset), event_ts)
-                io.send_prediction(record, encode_record(published))
+            self._publish(io, stepping, result, self.primary.version, shadow=False)
+            for shadow in serving[1:]:
+                advanced = shadow.step(steps)
+                m.shadow_predictions.inc(len(stepping))
+                if self.cfg.kafka.shadow_topic:
+                    self._publish(io, stepping, advanced, shadow.version, shadow=True)
             record_ms = np.array([r.timestamp for r, _ in stepping], dtype=np.float64)
             observe_many(m.latency, np.maximum(time.time() * 1000 - record_ms, 0.0) / 1000)
             m.predictions.inc(len(stepping))
-        self.predictor.table.drop(plan.tombstones.keys(), plan.tombstones.values())
+        for lane in serving:
+            lane.table.drop(plan.tombstones.keys(), plan.tombstones.values())
         for reason, count in plan.dropped.items():
             m.dropped_keys.labels(reason).inc(count)
-        m.live_keys.set(len(self.predictor.table))
+        m.live_keys.set(len(self.primary.table))
         return failed
+
+    @staticmethod
+    def _publish(io: Transport, stepping: list[tuple[Record, Event]], result: Advance, version: str,
+                 shadow: bool) -> None:
+        for (record, event), prediction, step in zip(stepping, result.predictions.tolist(), result.steps.tolist()):
+            event_ts = record.timestamp if event.ts is None else event.ts
+            published = prediction_record(event, prediction, step, version,
+                                          (record.topic, record.partition, record.offset), event_ts)
+            io.send_prediction(record, encode_record(published), shadow)
 
     def _admitted(self, admitted: Admitted) -> set[int]:
         """The metrics of making a batch's keys resident; the partitions whose store failed, restored anew."""

@@ -26,6 +26,7 @@ ERROR_BUCKETS = tuple(m * 10.0**e for e in range(-3, 4) for m in (1.0, 2.5, 5.0)
 LOG_LOSS_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 35.0)
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 MODEL_LABELS = ("device", "hidden_size", "num_layers", "state_dtype", "task", "version")  # in the order an Info writes them
+SHADOW_LABELS = ("hidden_size", "num_layers", "stepping", "version")
 DROP_REASONS = ("end", "reset", "expired")
 SKIP_REASONS = ("beyond_cut", "incompatible", "unreadable")
 RESTORE_SOURCES = ("local", "changelog")  # a local store and the changelog after it; the changelog alone
@@ -164,6 +165,12 @@ class Metrics:
                                registry=r, multiprocess_mode="livemin")
         self.model = ModelInfo("streamlstm_model_info", "The model being served.", MODEL_LABELS, registry=r,
                                multiprocess_mode="livemax")
+        self.shadow = ModelInfo("streamlstm_shadow_model_info", "The shadow model (model.shadow_path); stepping="
+                                "false once it is the served version (promoted).", SHADOW_LABELS, registry=r,
+                                multiprocess_mode="livemax")
+        self.shadow_predictions = Counter("streamlstm_shadow_predictions_total",
+                                          "Events stepped by the shadow model (its predictions go to "
+                                          "kafka.shadow_topic where set).", registry=r)
         self.reloads = Counter("streamlstm_model_reloads_total",
                                "Newer artifacts found under model.path: swapped (now serving) or failed (not "
                                "loadable; the previous model keeps serving).", ["result"], registry=r)

@@ -42,6 +42,7 @@ class Holding:
     restoring: list[int]
     version: str
     expose_state: bool
+    shadow: tuple[StateTable, str] | None = None  # a stepping shadow's table and version
 
 
 def _json(status: int, body: dict) -> Answer:
@@ -59,9 +60,9 @@ def describe(name: str, at: Holding) -> Answer:
                     "offset": int(table.offsets[row]), "time": int(table.times[row]), "model_version": at.version,
                     "prediction": _prediction(table, row)}
             if at.expose_state:
-                h, c = (widen(t[:, row].cpu().view(table.storage).numpy(), table.element).tolist()
-                        for t in (table.h, table.c))
-                body |= {"h": h, "c": c}
+                body |= _state(table, row)
+            if at.shadow is not None:
+                body["shadow"] = _shadow(*at.shadow, (partition, name), at.expose_state)
             return _json(200, body)
     if at.restoring:
         return _json(503, {"key": name, "error": f"partitions {at.restoring} are restoring: the key may be in one",
@@ -71,6 +72,21 @@ def describe(name: str, at: Holding) -> Answer:
         if value is not None:
             return _json(200, _stored(name, partition, value, at))
     return _json(404, {"key": name, "error": f"no assigned partition ({at.assigned}) holds this key"})
+
+
+def _state(table: StateTable, row: int) -> dict[str, list]:
+    """The row's h and c, widened to float32 lists."""
+    h, c = (widen(t[:, row].cpu().view(table.storage).numpy(), table.element).tolist() for t in (table.h, table.c))
+    return {"h": h, "c": c}
+
+
+def _shadow(table: StateTable, version: str, key: tuple[int, str], expose_state: bool) -> dict | None:
+    """The key in the shadow's table (None: the shadow has not seen it since it started)."""
+    row = table.row(key)
+    if row is None:
+        return None
+    body = {"model_version": version, "steps": int(table.steps[row]), "prediction": _prediction(table, row)}
+    return body | _state(table, row) if expose_state else body
 
 
 def _prediction(table: StateTable, row: int) -> list[float] | None:
@@ -88,7 +104,7 @@ def _stored(name: str, partition: int, value: bytes, at: Holding) -> dict:
                   "prediction": None}
     if rows.keys:
         body |= {"steps": int(rows.steps[0]), "offset": int(rows.offsets[0]), "time": int(rows.times[0]),
-                 "model_version": bytes(np.frombuffer(value[32:48], np.uint8)).decode("ascii", "replace").strip()}
+                 "model_version": value[changelog.MODEL_AT:changelog.MODEL_AT + 16].decode("ascii", "replace").strip()}
         if at.expose_state:
             element = ELEMENTS[at.table.element.name]
             body |= {"h": widen(rows.h[:, 0], element).tolist(), "c": widen(rows.c[:, 0], element).tolist()}

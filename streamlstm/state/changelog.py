@@ -41,6 +41,7 @@ from .table import Rows
 MAGIC = b"SL"
 HEADER = struct.Struct("<2sBBIqqq16s")
 OFFSET_AT = 16  # byte position of `offset` within HEADER
+MODEL_AT = 32  # and of `model`
 TOMBSTONE_OFFSET = "streamlstm.offset"
 _PREFIXES = frozenset(MAGIC + bytes([code]) for code in BY_CODE)
 _OFFSET = struct.Struct("<q")
@@ -69,7 +70,7 @@ def _layout(num_layers: int, hidden_size: int, element: Element) -> np.dtype:
     return np.dtype({"names": ["magic", "format", "layers", "hidden", "steps", "offset", "time", "model", "state"],
                      "formats": [("u1", 2), "u1", "u1", "<u4", "<i8", "<i8", "<i8", ("u1", 16),
                                  (element.storage, (2, num_layers, hidden_size))],
-                     "offsets": [0, 2, 3, 4, 8, OFFSET_AT, 24, 32, HEADER.size],
+                     "offsets": [0, 2, 3, 4, 8, OFFSET_AT, 24, MODEL_AT, HEADER.size],
                      "itemsize": HEADER.size + 2 * num_layers * hidden_size * element.storage.itemsize})
 
 
@@ -212,6 +213,26 @@ class PartitionRestore:
     def _marked(self, owner: str) -> None:
         if self.owner is not None and owner != self.owner and self.foreign is None:
             self.foreign = owner
+
+    def adopt(self, other: PartitionRestore, version: str) -> list[str]:
+        """Take from `other`, the same partition's fold of another changelog, each key whose record there
+        is of model `version` and newer than this fold's (or as new, where this fold's is of another
+        version): a promoted shadow's state, where this changelog does not hold it yet (a crash before
+        the checkpoint that follows the promotion, or a partition from a pod that has not promoted).
+        Returns the keys taken."""
+        wanted = _version_field(version)
+        model = slice(MODEL_AT, MODEL_AT + len(wanted))
+        offsets, values, taken = self._offsets, self._values, []
+        for name, value in other._values.items():
+            if value is None or value[model] != wanted:
+                continue
+            offset, mine = other._offsets[name], offsets.get(name, -1)
+            if offset > mine or (offset == mine and (values[name] or b"")[model] != wanted):
+                offsets[name], values[name] = offset, value
+                taken.append(name)
+        if self.touched is not None:
+            self.touched.update(taken)
+        return taken
 
     def entries(self) -> list[tuple[str, bytes | None]]:
         """What a local store takes from this fold: after seed(), the keys the records changed (None:

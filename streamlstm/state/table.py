@@ -374,6 +374,12 @@ class StateTable:
         self._forget(rows_)
         return out
 
+    def mark_changed(self, keys: Iterable[StateKey] | None = None) -> None:
+        """Count the keys held among `keys` (None: all) as changed, so the next take writes them out: state
+        that came from elsewhere than this table's own changelog (a promoted shadow's)."""
+        rows = self._rows.values() if keys is None else map(self._rows.get, keys)
+        self._dirty.update(row for row in rows if row is not None)
+
     def take_changes(self, seq: int = 0) -> Changes:
         """The changes since the last take; `seq` (increasing) marks the rows as taken by this take."""
         dirty = sorted(self._dirty)

@@ -32,9 +32,9 @@ def open_changelog(cfg: KafkaConfig, topic: str) -> ChangelogSource:
     return ChangelogReader(cfg, topic)
 
 
-def prepare_topics(cfg: KafkaConfig, changelog: str) -> int:
-    """Create the topics the daemon needs where missing (the input, output and dead-letter topics only
-    under kafka.create_topics) and check the changelog's shape; returns the input's partition count.
+def prepare_topics(cfg: KafkaConfig, changelogs: list[str]) -> int:
+    """Create the topics the daemon needs where missing (the input, output, shadow and dead-letter topics
+    only under kafka.create_topics) and check the changelogs' shape; returns the input's partition count.
     Raises TransportError while the cluster cannot be reached, TopicError for topics shaped wrongly."""
     from .admin import ensure_changelog, ensure_topics
     from .kafka_python import translated
@@ -42,4 +42,4 @@ def prepare_topics(cfg: KafkaConfig, changelog: str) -> int:
     with translated():
         if cfg.create_topics:
             ensure_topics(cfg)
-        return ensure_changelog(cfg, changelog)
+        return min(ensure_changelog(cfg, changelog) for changelog in changelogs)

@@ -35,10 +35,10 @@ def _create(admin: KafkaAdminClient, topic: str, partitions: int, configs: dict[
 
 
 def ensure_topics(cfg: KafkaConfig) -> None:
-    """Create the input, output and dead-letter topics where missing."""
+    """Create the input, output, shadow (if set) and dead-letter topics where missing."""
     admin = _admin(cfg)
     try:
-        missing = {cfg.input_topic, cfg.output_topic, cfg.dlq_topic} - set(admin.list_topics())
+        missing = {cfg.input_topic, cfg.output_topic, cfg.dlq_topic, cfg.shadow_topic} - {""} - set(admin.list_topics())
         for topic in sorted(missing):
             _create(admin, topic, cfg.topic_partitions)
     finally:

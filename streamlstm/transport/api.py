@@ -89,8 +89,9 @@ class Transport(Protocol):
         """Records of one poll, partition by partition in offset order."""
         ...
 
-    def send_prediction(self, record: Record, value: bytes) -> None:
-        """A prediction for `record`, with its headers (trace context, correlation ids)."""
+    def send_prediction(self, record: Record, value: bytes, shadow: bool = False) -> None:
+        """A prediction for `record`, with its headers (trace context, correlation ids); `shadow`: the shadow
+        model's, to kafka.shadow_topic."""
         ...
 
     def send_dead_letter(self, record: Record, reason: str, detail: str) -> None:
@@ -101,7 +102,7 @@ class Transport(Protocol):
         """Changelog records, each into the partition that matches its key's input partition."""
         ...
 
-    def state_end(self, partition: int) -> int | None:
+    def state_end(self, topic: str, partition: int) -> int | None:
         """The offset after the last state record of a changelog partition acknowledged (None: none yet)."""
         ...
 

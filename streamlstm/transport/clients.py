@@ -150,7 +150,7 @@ class Bookkeeping(ABC):
         self._done: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._failed: dict[int, Failure] = {}  # by source partition; written on the producer's thread too
-        self._state_ends: dict[int, int] = {}  # per changelog partition, the offset after our last acknowledged
+        self._state_ends: dict[tuple[str, int], int] = {}  # per changelog partition, the offset after our last acknowledged
         self.copartitioned = False
 
     @abstractmethod
@@ -159,13 +159,13 @@ class Bookkeeping(ABC):
         """Hand one record to the producer; a refusal later fails `source`, an acknowledged `state` record
         calls `_acked_state`. May raise TransportError."""
 
-    def _acked_state(self, partition: int, offset: int) -> None:
-        if offset >= self._state_ends.get(partition, 0):
-            self._state_ends[partition] = offset + 1
+    def _acked_state(self, topic: str, partition: int, offset: int) -> None:
+        if offset >= self._state_ends.get((topic, partition), 0):
+            self._state_ends[topic, partition] = offset + 1
 
-    def state_end(self, partition: int) -> int | None:
+    def state_end(self, topic: str, partition: int) -> int | None:
         """The offset after the last state record of a changelog partition acknowledged (None: none yet)."""
-        return self._state_ends.get(partition)
+        return self._state_ends.get((topic, partition))
 
     def _send(self, record: Record, topic: str, value: bytes | None, partition: int | None,
               headers: list[tuple[str, bytes]] | None) -> None:
@@ -196,14 +196,15 @@ class Bookkeeping(ABC):
         failed, self._failed = self._failed, {}
         return failed
 
-    def send_prediction(self, record: Record, value: bytes) -> None:
+    def send_prediction(self, record: Record, value: bytes, shadow: bool = False) -> None:
         """With the event's headers (trace context, correlation ids), as Kafka Streams forwards them.
 
         Co-partitioned (as many output partitions as input ones), a prediction goes to its event's
-        partition number, beside the key's events and state; otherwise the producer hashes the key.
+        partition number, beside the key's events and state; otherwise, and on the shadow topic (its
+        partitions are not checked), the producer hashes the key.
         """
-        partition = record.partition if self.copartitioned else None
-        self._send(record, self.cfg.output_topic, value, partition,
+        partition = record.partition if self.copartitioned and not shadow else None
+        self._send(record, self.cfg.shadow_topic if shadow else self.cfg.output_topic, value, partition,
                    forwarded(record.headers) if record.headers else None)
 
     def send_dead_letter(self, record: Record, reason: str, detail: str) -> None:

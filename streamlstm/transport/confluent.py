@@ -268,7 +268,7 @@ class ConfluentTransport(Bookkeeping):
         if error is not None:
             self._fail(source, message.topic() or "", TransportError(str(error)))
         elif state:
-            self._acked_state(message.partition(), message.offset())  # type: ignore[arg-type]  # delivered: known
+            self._acked_state(message.topic(), message.partition(), message.offset())  # type: ignore[arg-type]  # delivered: known
 
     def flush(self) -> dict[int, Failure]:
         self.producer.flush()

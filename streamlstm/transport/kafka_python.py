@@ -211,7 +211,7 @@ class KafkaPythonTransport(Bookkeeping):
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
 
     def _acked(self, metadata: RecordMetadata) -> None:
-        self._acked_state(metadata.partition, metadata.offset)
+        self._acked_state(metadata.topic, metadata.partition, metadata.offset)
 
     def flush(self) -> dict[int, Failure]:
         """Under exactly_once one refusal aborts the transaction, which fails every partition in it."""
