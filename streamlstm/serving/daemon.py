@@ -1,9 +1,10 @@
 """The serving daemon: poll → decode → batched step → publish → checkpoint, with health and metrics.
 
-One event's path: Transport.poll → EventDecoder.decode → plan_batch (reset, end, expiry) →
-StreamingPredictor.advance → prediction_record → Transport.send_prediction → Checkpointer.checkpoint
-(state records, flush, commit). Restorer rebuilds the state of partitions as they are assigned, and of
-partitions sent back to their last commit because the broker refused some of their records.
+One event's path: Transport.poll → EventDecoder.decode → plan_batch (reset, end, expiry) → Lane.step
+(StreamingPredictor.advance on the lane's table) → prediction_record → Transport.send_prediction →
+Checkpointer.checkpoint (state records, flush, commit). A shadow model steps the same plan in a lane of
+its own (lane.py, models.py). Restorer rebuilds the state of partitions as they are assigned, and of
+partitions sent back to their last commit because the broker refused some of their records (redo.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..events import REASONS, Event, Rejection, encode_record, prediction_record
 from ..model.artifact import Artifact, ArtifactError, load_artifact, newest_artifact
 from ..model.predictor import Advance, resolve_device
 from ..transport import open_changelog, open_transport, prepare_topics
-from ..transport.api import Failure, Record, TopicPartition, Transport, TransportError
+from ..transport.api import Record, TopicPartition, Transport, TransportError
 from .backoff import BACKOFF_MAX_S, Backoff
 from .checkpoint import Checkpointer, Outcome
 from .http_server import HttpServer
@@ -32,6 +33,7 @@ from .plan import Expiry, plan_batch
 from .queries import Holding, KeyQueries
 from ..state.resident import Admitted, ResidentKeys
 from ..state.store import LocalStores
+from .redo import Redo
 from .restore import Restorer
 from .watchdog import ProgressWatchdog, Verdict
 
@@ -75,9 +77,7 @@ class Daemon:
         self._restorer: Restorer | None = None  # both once connected: see the properties below
         self._io: Transport | None = None
         self.backoff = Backoff()
-        self._redoing: set[int] = set()  # partitions rewound and not committed since: backoff not over
-        self._stop_at: dict[TopicPartition, int] = {}  # redone partitions' refused offsets: see _held_back
-        self._reached: set[TopicPartition] = set()  # those stopped there, paused until committed up to it
+        self.redo = Redo(self.backoff, self.metrics)
         self.watchdog = ProgressWatchdog(cfg.http.stall_timeout_s)
         log.info("model %s loaded from %s on %s", artifact.version, artifact.path, self.device)
         if shadow is not None:
@@ -237,8 +237,7 @@ class Daemon:
                 records = io.poll(0 if self.restorer.busy or checkpointer.writing else None)
                 if records:
                     self.watchdog.consumed()
-                if records and self._stop_at:
-                    records = self._held_back(io, records)
+                records = self.redo.held_back(io, records)
                 if records:
                     self._process(io, records)
                 self.restorer.step()
@@ -272,66 +271,10 @@ class Daemon:
         self._checkpointed(self.checkpointer.checkpoint())
 
     def _checkpointed(self, outcome: Outcome) -> None:
-        """Partitions refused are redone; the backoff ends once every rewound partition has committed past
-        the record refused."""
         if outcome.failed:
-            self._rewind(self.io, outcome.failed)
-            return
-        held = {tp.partition for tp in self._stop_at}
-        self._redoing &= {tp.partition for tp in self.restorer.assigned} - (outcome.committed - held)
-        for tp in [tp for tp in self._reached if not self.io.pending({tp})]:
-            self._reached.discard(tp)
-            self.io.seek(tp, self._stop_at.pop(tp))
-            self.io.resume({tp})
-        if not self._redoing:
-            self.backoff.reset()
-
-    def _release(self, partitions: set[TopicPartition]) -> None:
-        """Partitions leaving: their revocation commits what they did, their next owner goes on from there."""
-        for tp in partitions:
-            self._stop_at.pop(tp, None)
-            self._reached.discard(tp)
-
-    def _held_back(self, io: Transport, records: list[Record]) -> list[Record]:
-        """A partition redone after a refusal stops before the refused record, and goes on from it once
-        everything before it is committed: a record refused for good is then all that each later retry
-        redoes and publishes again, not every event since the partition's last commit."""
-        stop_at, kept = self._stop_at, []
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            if record.offset < stop_at.get(tp, record.offset + 1):
-                kept.append(record)
-            elif tp not in self._reached:
-                self._reached.add(tp)
-                io.pause({tp})
-        return kept
-
-    def _rewind(self, io: Transport, failed: dict[int, Failure]) -> None:
-        """Redo partitions whose records the broker refused from their last commit, after a backoff.
-
-        Nothing after that commit was committed, so no event is lost; their state goes back to it with
-        them (restored from the changelog), so no step is applied twice. Their outputs since the commit
-        may be published again, as after a crash.
-        """
-        for failure in failed.values():
-            self.metrics.delivery_failures.labels(failure.topic).inc()
-        first = next(iter(failed.values()))
-        delay = self.backoff.next()
-        log.error("the broker refused records of input partitions %s (first: %s: %r); they go back to their last "
-                  "commit and are redone in %.0f s; nothing after it is committed", sorted(failed), first.topic,
-                  first.error, delay)
-        partitions = {tp for tp in self.restorer.assigned if tp.partition in failed}
-        for tp in partitions:
-            self._reached.discard(tp)
-            offset = failed[tp.partition].offset
-            if offset is None:
-                self._stop_at.pop(tp, None)
-            else:
-                self._stop_at[tp] = offset
-        self.restorer.rewind(partitions, delay)
-        self._redoing |= {tp.partition for tp in partitions}
-        self.metrics.rewinds.inc(len(partitions))
-        io.reopen_producer()
+            self.redo.rewind(self.io, self.restorer, outcome.failed)
+        else:
+            self.redo.committed(self.io, self.restorer.assigned, outcome.committed)
 
     def _reload(self) -> None:
         """Swap in a newer model (the primary's or the shadow's) between two steps, or report one that
@@ -363,7 +306,7 @@ class Daemon:
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         self.restorer.on_revoked(partitions)
         self.checkpointer.on_revoked(partitions)
-        self._release(partitions)
+        self.redo.release(partitions)
 
     def on_assigned(self, partitions: set[TopicPartition]) -> None:
         if not self.restorer.on_assigned(partitions):
@@ -377,7 +320,7 @@ class Daemon:
         self.metrics.partitions_lost.inc(len(partitions))
         self.restorer.on_lost(partitions)
         self.checkpointer.forget(partitions)  # a snapshot under way must not commit them for their new owner
-        self._release(partitions)
+        self.redo.release(partitions)
         self.io.abort()
         self.io.forget(partitions)
         log.warning("lost partitions %s without committing (group membership lost); their state is dropped "
@@ -475,7 +418,7 @@ class Daemon:
         lags = io.lag()
         for tp, lag in lags.items():
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
-        expected = self.restorer.assigned - self.restorer.restoring - self._reached
+        expected = self.restorer.assigned - self.restorer.restoring - self.redo.reached
         verdict = self.watchdog.check(time.monotonic(), {tp: lags.get(tp) for tp in expected})
         if verdict is Verdict.STALLED:
             self._refetch(io)
