@@ -24,10 +24,13 @@ USAGE_ERROR = 2
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if args.check:
-        from .model.artifact import load_artifact, newest_artifact
+        from .serving.models import load_models
 
-        artifact = load_artifact(newest_artifact(cfg.model.path))
-        print(json.dumps({"config": str(args.config), "model": str(artifact.path), "version": artifact.version}))
+        artifact, shadow = load_models(cfg)
+        checked = {"config": str(args.config), "model": str(artifact.path), "version": artifact.version}
+        if shadow is not None:
+            checked |= {"shadow": str(shadow.path), "shadow_version": shadow.version}
+        print(json.dumps(checked))
         return 0
     configure_logging(cfg.log.level, cfg.log.format)
     if cfg.serve.workers > 1:

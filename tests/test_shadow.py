@@ -4,14 +4,19 @@ version, its warm state carries on, whatever its hidden size."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
+import numpy as np
 import torch
 from conftest import daemon_metric, event_value, http_get, make_model, produce, unique, wait_until
+from test_config import DOCUMENTED
 from test_durable_state import Feeder, assert_exact, make_events, predictions_by_source, prepare
 
-from streamlstm.model.artifact import load_artifact
+from streamlstm.cli import main
+from streamlstm.model.artifact import load_artifact, save_artifact
+from streamlstm.model.network import LSTMForecaster, ModelSpec
 
 SESSION_MS = 3000  # a killed daemon's partitions come back after half of it
 
@@ -87,3 +92,55 @@ def test_promoting_the_shadow_carries_its_warm_state_on_even_with_another_hidden
     # each key's whole sequence: its state was warm, not zero
     later = set(found) - before
     assert_exact(tmp_path, shadow, events, {ts: found[ts] for ts in later}, predicted=later)
+
+
+def test_a_shadow_that_cannot_load_or_reads_other_features_stops_startup_naming_model_shadow_path(tmp_path, capsys):
+    primary, shadow = make_model(tmp_path / "primary"), make_model(tmp_path / "shadow", hidden_size=8, seed=3)
+    spec = ModelSpec("regression", ("load", "temp", "minute"), ("load",), 8, 1, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0),
+                     (1.0,), (1.0,))
+    save_artifact(LSTMForecaster(spec), tmp_path / "other", {})
+    serve = ["serve", "--config", str(DOCUMENTED), "--set", f"model.path={primary}", "--set", "model.device=cpu"]
+    for path, words in ((tmp_path / "other", "reads features ['load', 'temp', 'minute']"),
+                        (tmp_path / "missing", "is not a directory; set model.shadow_path to")):
+        assert main([*serve, "--set", f"model.shadow_path={path}"]) == 2
+        stderr = capsys.readouterr().err
+        assert "model.shadow_path" in stderr and words in stderr and "Traceback" not in stderr
+    assert main([*serve, "--set", f"model.shadow_path={shadow}", "--set", "state.max_resident_keys=5000"]) == 2
+    assert "model.shadow_path cannot be combined with state.max_resident_keys" in capsys.readouterr().err
+    assert main([*serve, "--set", f"model.shadow_path={shadow}", "--check"]) == 0
+    assert json.loads(capsys.readouterr().out)["shadow_version"] == version_of(shadow)
+
+
+def test_a_promotion_hands_the_shadows_table_over_whole_and_drops_the_keys_it_never_saw(tmp_path):
+    """Every key the shadow holds is written to the primary's changelog at the next checkpoint (changed),
+    and a key only the old model held (the shadow started after it) is tombstoned there: the served
+    model's state is the shadow's, in memory and after a restart alike."""
+    from streamlstm.config import Config, ModelConfig
+    from streamlstm.serving.lane import Lane
+    from streamlstm.serving.metrics import Metrics
+    from streamlstm.serving.models import Models
+    from streamlstm.state.resident import ResidentKeys
+    from streamlstm.state.store import LocalStores
+
+    primary, shadow = make_model(tmp_path / "v1"), make_model(tmp_path / "v2", hidden_size=24, seed=1)
+    cfg = Config(model=ModelConfig(path=str(primary), shadow_path=str(shadow)))
+    v1, v2 = (load_artifact(p) for p in (primary, shadow))
+    models = Models(cfg, torch.device("cpu"), Metrics(), v1, v2)
+    lanes = []
+    for role, artifact in (("primary", v1), ("shadow", v2)):
+        predictor, stores = models.predictor(artifact), LocalStores(tmp_path / role, role)
+        lane = Lane(role, ResidentKeys(predictor.table, stores, 0, (0, 0, None), artifact.version), stores, role,
+                    (0, 0, None), artifact.version)
+        models.put(lane, artifact, predictor)
+        lanes.append(lane)
+    for lane, keys in zip(lanes, ([(0, "old"), (0, "both")], [(0, "both")])):
+        rows = lane.table.rows(keys)
+        lane.table.stepped(rows)
+        lane.table.stamp(rows.numpy(), np.array([7] * len(keys)), np.array([0] * len(keys)))
+        lane.table.take_changes(1)
+    warm = lanes[1].table
+    assert models.swap_primary(v2, *lanes).startswith("taken on from the shadow")
+    assert lanes[0].table is warm and lanes[0].version == v2.version and lanes[0].accepts[1] == 24
+    changes = warm.take_changes(2)
+    assert changes.changed.keys == [(0, "both")] and changes.dropped == [((0, "old"), 7)]
+    assert len(lanes[1].table) == 0  # the shadow, now of the served version, is idle

@@ -19,7 +19,7 @@ import torch
 
 from ..config import Config
 from ..events import REASONS, Event, Rejection, encode_record, prediction_record
-from ..model.artifact import Artifact, ArtifactError, load_artifact, newest_artifact
+from ..model.artifact import Artifact, ArtifactError
 from ..model.predictor import Advance, resolve_device
 from ..transport import open_changelog, open_transport, prepare_topics
 from ..transport.api import Record, TopicPartition, Transport, TransportError
@@ -28,7 +28,7 @@ from .checkpoint import Checkpointer, Outcome
 from .http_server import HttpServer
 from .lane import Lane, Steps
 from .metrics import Metrics, observe_many
-from .models import Models, load_shadow, shadow_dir
+from .models import Models, load_models, shadow_dir
 from .plan import Expiry, plan_batch
 from .queries import Holding, KeyQueries
 from ..state.resident import Admitted, ResidentKeys
@@ -61,8 +61,7 @@ class Daemon:
         self._last_poll = time.monotonic()
         torch.set_num_threads(cfg.model.cpu_threads)
         self.device = resolve_device(cfg.model.device)
-        artifact = load_artifact(newest_artifact(cfg.model.path), self.device)
-        shadow = load_shadow(cfg, self.device, artifact)
+        artifact, shadow = load_models(cfg, self.device)
         self.models = Models(cfg, self.device, self.metrics, artifact, shadow)
         self.expiry = Expiry.from_config(cfg.state)
         state_dir = cfg.state.dir_or_default()

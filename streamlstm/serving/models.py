@@ -27,14 +27,21 @@ from .metrics import Metrics
 log = logging.getLogger("streamlstm.daemon")
 
 
+def load_models(cfg: Config, device: torch.device | None = None) -> tuple[Artifact, Artifact | None]:
+    """The served artifact and the shadow's (None without model.shadow_path), as serving starts them (on
+    the CPU without `device`); raises ArtifactError."""
+    primary = load_artifact(newest_artifact(cfg.model.path), device or torch.device("cpu"))
+    return primary, load_shadow(cfg, device or torch.device("cpu"), primary)
+
+
 def load_shadow(cfg: Config, device: torch.device, primary: Artifact) -> Artifact | None:
     """The shadow's artifact (None without model.shadow_path); an ArtifactError names the key."""
     if not cfg.model.shadow_path:
         return None
     try:
         shadow = load_artifact(newest_artifact(cfg.model.shadow_path), device)
-    except ArtifactError as exc:
-        raise ArtifactError(f"model.shadow_path: {exc}") from None
+    except ArtifactError as exc:  # its advice names model.path: here it is model.shadow_path
+        raise ArtifactError(f"model.shadow_path: {str(exc).replace('model.path', 'model.shadow_path')}") from None
     if mismatch := features_differ(primary, shadow):
         raise ArtifactError(f"model.shadow_path: {mismatch}")
     return shadow
@@ -85,9 +92,11 @@ class Models:
         old = self.primary
         self.primary = loaded
         if shadow is not None and self.shadow is not None and loaded.version == shadow.version != old.version:
-            promoted = shadow.table
-            self.put(primary, loaded, StreamingPredictor(loaded, self.device, table=promoted))
+            promoted, served = shadow.table, primary.table
+            gone = [key for key in served.keys() if promoted.row(key) is None]  # keys the shadow never saw
+            promoted.drop(gone, served.last_offsets(gone))  # tombstoned: the served model's state is the shadow's
             promoted.mark_changed()  # every key into the primary's changelog at the next checkpoint
+            self.put(primary, loaded, StreamingPredictor(loaded, self.device, table=promoted))
             self.put(shadow, self.shadow, self.predictor(self.shadow))  # idle, with an empty table
             return f"taken on from the shadow ({len(promoted)} keys, promoted)"
         spec, table = loaded.spec, primary.table

@@ -23,11 +23,11 @@ log = logging.getLogger("streamlstm.workers")  # a stable name: operators query 
 
 def load_model(cfg: Config) -> None:
     """The supervisor's check, in a child that then exits: loads the model as a worker would, on the CPU."""
-    from ..model.artifact import load_artifact, newest_artifact
     from ..model.predictor import resolve_device
+    from .models import load_models
 
     resolve_device(cfg.model.device)
-    load_artifact(newest_artifact(cfg.model.path))
+    load_models(cfg)
 
 
 def work(cfg: Config, index: int, port_to: Connection) -> None:

@@ -153,6 +153,13 @@ class StateTable:
     def row(self, key: StateKey) -> int | None:
         return self._rows.get(key)
 
+    def keys(self) -> list[StateKey]:
+        return list(self._rows)
+
+    def last_offsets(self, keys: Sequence[StateKey]) -> list[int]:
+        """The offset of the last event applied to each key held."""
+        return self.offsets[[self._rows[key] for key in keys]].tolist()
+
     def _keys_of(self, rows: Iterable[int]) -> list[StateKey]:
         """The keys of rows that hold one (the caller knows: a free row's entry is None)."""
         keys = cast(list[StateKey], self._keys)
