@@ -90,10 +90,11 @@ def test_resident_reports_rate_fetches_and_memory_against_the_bound(tmp_path):
     assert set(report["rss_per_resident_key_by_phase"]) == {"load", "zipf", "uniform", "restore"}
 
 
-def test_the_event_path_reports_cpu_per_event_for_each_state_dtype():
-    for dtype in ("float32", "bfloat16"):
+def test_the_event_path_reports_cpu_per_event_for_each_state_dtype_and_with_a_shadow():
+    for dtype, extra, named in (("float32", [], " float32: "), ("bfloat16", ["--live-accuracy", "--shadow"],
+                                                               " bfloat16 live_accuracy shadow: ")):
         result = subprocess.run([sys.executable, str(BENCHMARKS / "event_path_bench.py"), "--keys", "3000", "--polls",
-                                 "3", "--dtype", dtype], capture_output=True, text=True, timeout=120)
+                                 "3", "--dtype", dtype, *extra], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-3000:]
         figure = float(result.stdout.split(": ")[-1].split()[0])
-        assert f" {dtype}: " in result.stdout and 0.1 < figure < 10_000
+        assert named in result.stdout and 0.1 < figure < 10_000
