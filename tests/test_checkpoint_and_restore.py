@@ -119,9 +119,9 @@ class Node:
         self.io.rebalance(self, partitions)
         return self.restore()
 
-    def restore(self) -> int:
+    def restore(self, most: int = 100) -> int:
         """Restore steps, as the daemon's loop takes them between polls, until none is under way."""
-        for steps in range(1, 100):
+        for steps in range(1, most):
             self.restorer.step()
             if not self.restorer.busy:
                 return steps

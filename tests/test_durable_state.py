@@ -276,3 +276,35 @@ def test_a_daemon_frozen_past_its_session_loses_its_partitions_and_rejoins_witho
     frozen.wait_for(lambda: daemon_metric(frozen, "streamlstm_assigned_partitions") > 0, 30, "rejoining")
     assert daemon_metric(frozen, "streamlstm_partitions_lost_total") > 0
     assert stop_together(frozen, other) == [0, 0]
+
+
+def test_a_changelog_partition_restarted_while_another_is_read_is_read_to_its_new_end(broker):
+    """A partition's restore cancelled and begun again at the same offset (a rebalance in the middle of
+    it) while the reader goes on with another: it reads to the partition's end as it is now."""
+    from streamlstm.transport.readers import ChangelogReader
+
+    topic = unique("changelog")
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    admin.create_topics([NewTopic(topic, 2, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+
+    def write(partition: int, count: int) -> None:
+        for _ in range(count):
+            producer.send(topic, key=b"k", value=b"v", partition=partition)
+        producer.flush()
+
+    write(0, 3)
+    write(1, 3)
+    reader = ChangelogReader(KafkaConfig(bootstrap_servers=broker.bootstrap), topic)
+    reader.start({0: 0, 1: 0})
+    wait_until(lambda: (reader.poll(50), 0 in reader.caught_up())[1], 30, "partition 0 read")
+    reader.stop({0})
+    write(0, 2)
+    reader.start({0: 0})
+    seen: list = []
+    wait_until(lambda: (seen.extend(r for r in reader.poll(50) if r.partition == 0), 0 in reader.caught_up())[1],
+               30, "partition 0 read again")
+    assert len(seen) == 5
+    reader.close()
+    producer.close()

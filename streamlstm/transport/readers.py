@@ -30,9 +30,25 @@ class ChangelogReader:
     def __init__(self, cfg: KafkaConfig, topic: str) -> None:
         self.cfg, self.topic = cfg, topic
         self.consumer = new_consumer(cfg, "-restore", auto_offset_reset="earliest")
+        self._read: set[KafkaPartition] = set()  # partitions this consumer has been given, ever
 
     def start(self, partitions: dict[int, int]) -> None:
+        """A partition this consumer read before gets a new consumer (the others carried over at their
+        positions): a fetch of it still in flight, answered with the end it had then, would otherwise be
+        taken for its end now if it was restarted at the same offset (see stop)."""
         tps = {KafkaPartition(self.topic, p): offset for p, offset in partitions.items()}
+        if tps.keys() & self._read:
+            try:
+                with translated():
+                    kept = {tp: self.consumer.position(tp) for tp in self.consumer.assignment()}
+                    fresh = new_consumer(self.cfg, "-restore", auto_offset_reset="earliest")
+            except TransportError:  # no broker now: keep this one rather than have none
+                pass
+            else:
+                self.close()
+                self.consumer, self._read = fresh, set()
+                tps = kept | tps
+        self._read |= tps.keys()
         self.consumer.assign(sorted(self.consumer.assignment() | tps.keys()))
         for tp, offset in tps.items():
             self.consumer.seek(tp, offset)
@@ -56,7 +72,7 @@ class ChangelogReader:
                 pass
             else:
                 self.close()
-                self.consumer = fresh
+                self.consumer, self._read = fresh, set()
                 return
         self.consumer.assign(remaining)
 
