@@ -111,10 +111,11 @@ def test_a_shadow_that_cannot_load_or_reads_other_features_stops_startup_naming_
     assert json.loads(capsys.readouterr().out)["shadow_version"] == version_of(shadow)
 
 
-def test_a_promotion_hands_the_shadows_table_over_whole_and_drops_the_keys_it_never_saw(tmp_path):
+def test_a_promotion_hands_the_shadows_table_over_whole_and_a_rollback_hands_it_back(tmp_path):
     """Every key the shadow holds is written to the primary's changelog at the next checkpoint (changed),
     and a key only the old model held (the shadow started after it) is tombstoned there: the served
-    model's state is the shadow's, in memory and after a restart alike."""
+    model's state is the shadow's, in memory and after a restart alike. Served away from that version
+    again, the shadow goes on from the state it handed over."""
     from streamlstm.config import Config, ModelConfig
     from streamlstm.serving.lane import Lane
     from streamlstm.serving.metrics import Metrics
@@ -144,3 +145,7 @@ def test_a_promotion_hands_the_shadows_table_over_whole_and_drops_the_keys_it_ne
     changes = warm.take_changes(2)
     assert changes.changed.keys == [(0, "both")] and changes.dropped == [((0, "old"), 7)]
     assert len(lanes[1].table) == 0  # the shadow, now of the served version, is idle
+    lanes[0].table.stepped(lanes[0].table.rows([(0, "both")]))  # a step under the promoted model
+    assert models.swap_primary(v1, *lanes) == "restarted from zero (the shadow carries the old model's on)"
+    assert lanes[1].table is warm and lanes[1].version == v2.version and len(lanes[0].table) == 0
+    assert warm.take_changes(3).changed.steps.tolist() == [2]  # rolled back: the shadow goes on from it, warm

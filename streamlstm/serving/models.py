@@ -4,7 +4,8 @@ model.shadow_path, a shadow, each hot-reloaded from its own path; and what a swa
 A newer primary carries the keys' state on (on_reload: keep_state, same shape) or restarts them from
 zero, unless it is the version the shadow runs: then it is a promotion, and the shadow's table becomes
 the primary's (warm, whatever its shape), every key of it written to the primary's changelog by the
-next checkpoint; the shadow, now of the served version, goes idle (Lane). A newer shadow starts from
+next checkpoint; the shadow, now of the served version, goes idle (Lane). Served away from the shadow's
+version again (a rollback), the shadow steps on from the state it had handed over. A newer shadow starts from
 zero: it takes only state of its own version, so a shadow of a new version warms up from the events it
 sees. Both models read the same decoded events, so their features must agree. Knows nothing of Kafka.
 """
@@ -102,6 +103,14 @@ class Models:
         spec, table = loaded.spec, primary.table
         keep = (self.cfg.model.on_reload == "keep_state"
                 and (spec.num_layers, spec.hidden_size) == (table.h.shape[0], table.h.shape[2]))
+        if shadow is not None and self.shadow is not None and shadow.version == old.version:
+            # back from the shadow's version (a rollback): the shadow steps again, on the state it handed over
+            warm = table.copy() if keep else table
+            warm.mark_changed()  # its changelog holds the state as of the promotion: brought up to date
+            self.put(shadow, self.shadow, StreamingPredictor(self.shadow, self.device, table=warm))
+            if not keep:
+                self.put(primary, loaded, self.predictor(loaded))
+                return "restarted from zero (the shadow carries the old model's on)"
         if not keep:
             primary.resident.restart(spec.num_layers, spec.hidden_size)
         self.put(primary, loaded, self.predictor(loaded, primary))

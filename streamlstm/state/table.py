@@ -131,6 +131,13 @@ class StateTable:
         self._c: torch.Tensor = c
         self.storage_generation += 1
 
+    def copy(self) -> StateTable:
+        """Another table holding the same keys and state, as unchanged (for a second model to go on from)."""
+        other = StateTable(self._h.shape[0], self._h.shape[2], self.device, max(len(self._rows), 1), self.element.name)
+        if self._rows:
+            other.load(self.export(list(self._rows.values())))
+        return other
+
     def keep_pending(self, slots: int, width: int) -> None:
         """Keep per row `slots` x `width` float32 values for a later event of its key to read (live
         accuracy: forecasts awaiting the event they forecast), with `since`, the step count they start
