@@ -154,15 +154,20 @@ class ResidentKeys:
 
     def load_restored(self, partition: int, state: Rows, entries: Iterable[Entry], seq: int) -> None:
         """A restored partition's keys: all resident within the bound, else the most recent (by offset) that
-        fit; the others stay here until the store write `seq` (of `entries`) is done."""
+        fit; the others, and the keys the restore found dropped, stay here until the store write `seq` (of
+        `entries`) is done: until then the store may still hold what they were before."""
         room = max(self.limit - len(self.table), 0)
-        if not self.limit or len(state.keys) <= room:
+        if not self.limit:
             self.table.load(state, seq)
             return
-        keep = np.sort(np.argsort(-state.offsets, kind="stable")[:room])
-        resident = [state.keys[i] for i in keep.tolist()]
-        self.table.load(Rows(resident, state.h[:, keep], state.c[:, keep], state.steps[keep], state.offsets[keep],
-                             state.times[keep]), seq)
+        resident = state.keys
+        if len(state.keys) <= room:
+            self.table.load(state, seq)
+        else:
+            keep = np.sort(np.argsort(-state.offsets, kind="stable")[:room])
+            resident = [state.keys[i] for i in keep.tolist()]
+            self.table.load(Rows(resident, state.h[:, keep], state.c[:, keep], state.steps[keep],
+                                 state.offsets[keep], state.times[keep]), seq)
         names = {name for _, name in resident}
         pending = self._evicted.setdefault(partition, {})
         for name, value in entries:
