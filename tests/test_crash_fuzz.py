@@ -1,6 +1,6 @@
 """Kill -9 at any moment, as a specification searched over many seeds: on the in-memory Kafka of
 test_checkpoint_and_restore.py, with a bound on resident keys (so keys are evicted to the local stores and
-fetched back all along), random events, checkpoints whole and in slices with events between, eager
+fetched back all along) and without, random events, checkpoints whole and in slices with events between, eager
 rebalances that give the partitions straight back, and crashes that lose every record not yet delivered
 and every local-store write still queued. After each crash a new process on the same state.dir restores
 and catches up; at the end every key's state equals that of a process that never crashed and kept every
@@ -72,8 +72,8 @@ class GatedStores(LocalStores):
         self._dir_lock.close()
 
 
-def started(broker: MemoryBroker, state_dir: Path | None = None) -> Node:
-    node = Node(broker, max_resident_keys=BOUND, **({"state_dir": state_dir} if state_dir else {}))
+def started(broker: MemoryBroker, bound: int, state_dir: Path | None = None) -> Node:
+    node = Node(broker, max_resident_keys=bound, **({"state_dir": state_dir} if state_dir else {}))
     node.io.rebalance(node, {P0, P1})
     return node
 
@@ -105,10 +105,10 @@ def failing_async_commits(node: Node, rng: random.Random) -> list:
     return failures
 
 
-def run(seed: int, ops: int = 120) -> None:
+def run(seed: int, ops: int = 120, bound: int = BOUND) -> None:
     rng = random.Random(seed)
     broker = MemoryBroker()
-    node = started(broker)
+    node = started(broker, bound)
     failures = failing_async_commits(node, rng)
     names = [f"k{i}" for i in range(KEYS)]
     crashes = 0
@@ -132,7 +132,7 @@ def run(seed: int, ops: int = 120) -> None:
         elif r < 0.88:
             node.stores.crash()  # type: ignore[attr-defined]
             node.io.in_flight.clear()  # never delivered
-            node = started(broker, node.state_dir)
+            node = started(broker, bound, node.state_dir)
             failures = failing_async_commits(node, rng)
             crashes += 1
         elif r < 0.94:
@@ -165,3 +165,9 @@ def test_kill_9_anywhere_with_evicted_keys_loses_no_state_and_applies_no_step_tw
     monkeypatch.setattr(test_checkpoint_and_restore, "LocalStores", GatedStores)
     for seed in seeds:
         run(seed, ops)
+
+
+def test_kill_9_anywhere_with_every_key_resident_loses_no_state_and_applies_no_step_twice(monkeypatch) -> None:
+    monkeypatch.setattr(test_checkpoint_and_restore, "LocalStores", GatedStores)
+    for seed in range(1000, 1020):
+        run(seed, 120, bound=0)
