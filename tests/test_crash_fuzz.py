@@ -152,6 +152,55 @@ def run(seed: int, ops: int = 120, bound: int = BOUND) -> None:
     assert all_states(node, keys) == all_states(reference, keys), f"seed {seed}, after {crashes} crashes"
 
 
+def run_two(seed: int, ops: int = 120, bound: int = BOUND) -> None:
+    """Two processes on their own state.dirs sharing the partitions, which move between them (each
+    returning owner's local store outdated by the other's records), and crash in turn."""
+    rng = random.Random(seed)
+    broker = MemoryBroker()
+    nodes = [Node(broker, max_resident_keys=bound), Node(broker, max_resident_keys=bound)]
+    owner = {P0: 0, P1: 1}
+
+    def assign() -> None:  # revocations first, as a group's rebalance does
+        for i in sorted(range(2), key=lambda i: -len(nodes[i].io.assignment - {tp for tp, o in owner.items() if o == i})):
+            nodes[i].io.rebalance(nodes[i], {tp for tp, o in owner.items() if o == i})
+
+    assign()
+    names = [f"k{i}" for i in range(KEYS)]
+    for _ in range(ops):
+        r, node = rng.random(), rng.choice(nodes)
+        if r < 0.45:
+            for _ in range(rng.randint(1, 6)):
+                value = END if rng.random() < 0.05 else b"{}"
+                broker.append(Sent(INPUT, rng.randrange(2), rng.choice(names).encode(), value, None))
+        elif r < 0.6:
+            node.checkpointer.checkpoint()
+        elif r < 0.7:
+            node.stores.catch_up()  # type: ignore[attr-defined]
+        elif r < 0.8:
+            i = nodes.index(node)
+            node.stores.crash()  # type: ignore[attr-defined]
+            node.io.in_flight.clear()
+            nodes[i] = Node(broker, max_resident_keys=bound, state_dir=node.state_dir)
+            nodes[i].io.rebalance(nodes[i], {tp for tp, o in owner.items() if o == i})
+        else:
+            tp = rng.choice((P0, P1))
+            owner[tp] = 1 - owner[tp]
+            assign()
+        for n in nodes:
+            catch_up(n)
+            n.restorer.step()
+    owner = {P0: 0, P1: 0}
+    assign()
+    nodes[0].restore(most=10_000)
+    catch_up(nodes[0])
+    reference = Node(MemoryBroker())
+    for partition in (0, 1):
+        for offset, sent in enumerate(broker.records(INPUT, partition)):
+            apply(reference, partition, (sent.key or b"").decode(), offset, sent.value or b"")
+    keys = [(p, name) for p in (0, 1) for name in names]
+    assert all_states(nodes[0], keys) == all_states(reference, keys), f"seed {seed}"
+
+
 # Seeds a longer search found failing, each with the bug it found:
 FOUND = [
     # a key dropped before a crash came back with its state from before the drop: a restore whose keys
@@ -171,3 +220,9 @@ def test_kill_9_anywhere_with_every_key_resident_loses_no_state_and_applies_no_s
     monkeypatch.setattr(test_checkpoint_and_restore, "LocalStores", GatedStores)
     for seed in range(1000, 1020):
         run(seed, 120, bound=0)
+
+
+def test_partitions_moving_between_two_processes_that_crash_keep_every_key_exact(monkeypatch) -> None:
+    monkeypatch.setattr(test_checkpoint_and_restore, "LocalStores", GatedStores)
+    for seed in range(2000, 2020):
+        run_two(seed)
