@@ -93,11 +93,13 @@ class Node:
         self.io.abort()
         self.io.forget(partitions)
 
-    def step(self, partition: int, key: str, offset: int, time_ms: int = 1_000) -> None:
-        """An event of `key` at `offset` applied as the daemon applies one: the key made resident, its row
-        stepped to a new h and c that depend on the old ones and on the key and offset (the same on every
-        node for the same history), stamped, the record marked done."""
-        self.resident.admit([(partition, key)])
+    def step(self, partition: int, key: str, offset: int, time_ms: int = 1_000, admit: bool = True) -> None:
+        """An event of `key` at `offset` applied as the daemon applies one: the key made resident (unless
+        its whole poll was, `admit` False), its row stepped to a new h and c that depend on the old ones
+        and on the key and offset (the same on every node for the same history), stamped, the record
+        marked done."""
+        if admit:
+            self.resident.admit([(partition, key)])
         for lane in self.lanes[:1] + [lane for lane in self.lanes[1:] if lane.version != self.lane.version]:
             table = lane.table
             rows = table.rows([(partition, key)])
@@ -107,9 +109,10 @@ class Node:
             table.stamp(rows.numpy(), np.array([offset]), np.array([time_ms]))
         self.io.mark_done([Record(INPUT, partition, offset, time_ms, key.encode(), b"{}", [])])
 
-    def end(self, partition: int, key: str, offset: int) -> None:
+    def end(self, partition: int, key: str, offset: int, admit: bool = True) -> None:
         """An event that ends `key`: it is dropped, to be tombstoned at `offset`."""
-        self.resident.admit([(partition, key)])
+        if admit:
+            self.resident.admit([(partition, key)])
         self.table.drop([(partition, key)], [offset])
         self.io.mark_done([Record(INPUT, partition, offset, 0, key.encode(), b'{"end": true}', [])])
 

@@ -9,6 +9,7 @@ them), so a seed is a reproducible interleaving."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 from pathlib import Path
@@ -72,22 +73,35 @@ class GatedStores(LocalStores):
         self._dir_lock.close()
 
 
-def started(broker: MemoryBroker, bound: int, state_dir: Path | None = None) -> Node:
+def node_of(broker: MemoryBroker, bound: int, state_dir: Path | None = None) -> Node:
+    """A process: with a bound, polls of at most that many records, as the daemon's config requires."""
     node = Node(broker, max_resident_keys=bound, **({"state_dir": state_dir} if state_dir else {}))
+    if bound:
+        node.io.cfg = dataclasses.replace(node.io.cfg, max_poll_records=bound)
+    return node
+
+
+def started(broker: MemoryBroker, bound: int, state_dir: Path | None = None) -> Node:
+    node = node_of(broker, bound, state_dir)
     node.io.rebalance(node, {P0, P1})
     return node
 
 
-def apply(node: Node, record_partition: int, key: str, offset: int, value: bytes) -> None:
+def apply(node: Node, record_partition: int, key: str, offset: int, value: bytes, admit: bool = True) -> None:
     if value == END:
-        node.end(record_partition, key, offset)
+        node.end(record_partition, key, offset, admit=admit)
     else:
-        node.step(record_partition, key, offset)
+        node.step(record_partition, key, offset, admit=admit)
 
 
-def catch_up(node: Node) -> None:
-    for record in node.io.poll():
-        apply(node, record.partition, (record.key or b"").decode(), record.offset, record.value or b"")
+def catch_up(node: Node) -> int:
+    """A poll's records, as the daemon applies them: every key of the poll made resident at once (so
+    the bound evicts around the whole batch), then each event in turn. Returns how many."""
+    records = node.io.poll()
+    node.resident.admit([(record.partition, (record.key or b"").decode()) for record in records])
+    for record in records:
+        apply(node, record.partition, (record.key or b"").decode(), record.offset, record.value or b"", admit=False)
+    return len(records)
 
 
 def failing_async_commits(node: Node, rng: random.Random) -> list:
@@ -143,7 +157,8 @@ def run(seed: int, ops: int = 120, bound: int = BOUND) -> None:
         node.restorer.step()
     node.io.rebalance(node, {P0, P1})
     node.restore(most=10_000)  # the in-memory reader reads 2 records a step
-    catch_up(node)
+    while catch_up(node):
+        pass
     reference = Node(MemoryBroker())
     for partition in (0, 1):
         for offset, sent in enumerate(broker.records(INPUT, partition)):
@@ -157,7 +172,7 @@ def run_two(seed: int, ops: int = 120, bound: int = BOUND) -> None:
     returning owner's local store outdated by the other's records), and crash in turn."""
     rng = random.Random(seed)
     broker = MemoryBroker()
-    nodes = [Node(broker, max_resident_keys=bound), Node(broker, max_resident_keys=bound)]
+    nodes = [node_of(broker, bound), node_of(broker, bound)]
     owner = {P0: 0, P1: 1}
 
     def assign() -> None:  # revocations first, as a group's rebalance does
@@ -180,7 +195,7 @@ def run_two(seed: int, ops: int = 120, bound: int = BOUND) -> None:
             i = nodes.index(node)
             node.stores.crash()  # type: ignore[attr-defined]
             node.io.in_flight.clear()
-            nodes[i] = Node(broker, max_resident_keys=bound, state_dir=node.state_dir)
+            nodes[i] = node_of(broker, bound, node.state_dir)
             nodes[i].io.rebalance(nodes[i], {tp for tp, o in owner.items() if o == i})
         else:
             tp = rng.choice((P0, P1))
@@ -192,7 +207,8 @@ def run_two(seed: int, ops: int = 120, bound: int = BOUND) -> None:
     owner = {P0: 0, P1: 0}
     assign()
     nodes[0].restore(most=10_000)
-    catch_up(nodes[0])
+    while catch_up(nodes[0]):
+        pass
     reference = Node(MemoryBroker())
     for partition in (0, 1):
         for offset, sent in enumerate(broker.records(INPUT, partition)):
