@@ -17,8 +17,8 @@ from streamlstm.demo.broker import EmbeddedBroker, free_port
 from streamlstm.transport.admin import ensure_topics
 
 STALL_TIMEOUT_S = 2.0
-BACKLOG = 2000  # events of ~20 KB: the daemon fetches them ~1 MB a partition at a time, for seconds
-PADDING = b" " * 20_000
+BACKLOG = 2000  # events of ~40 KB: 80 MB, more than librdkafka prefetches (64 MB), fetched ~1 MB a partition at a time
+PADDING = b" " * 40_000
 
 
 class PausingProxy:
