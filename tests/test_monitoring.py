@@ -179,6 +179,11 @@ def test_the_alerting_rules_evaluate_on_live_data_and_stay_quiet(scraped):
     wait_until(lambda: all(r["health"] == "ok" for r in rules()), 30, "every rule evaluated",
                lambda: json.dumps([r for r in rules() if r["health"] != "ok"], indent=1))
     active = {r["name"]: r["state"] for r in rules() if r.get("state", "inactive") != "inactive"}  # a record has none
+    # The test's model has random weights: worse than repeating the last value, so that alert may be
+    # pending once Prometheus has two scrapes of its errors; its 30 minutes never pass here (when it
+    # fires is deploy/monitoring/alerts.test.yaml's)
+    if active.get("StreamlstmModelWorseThanNaive") == "pending":
+        del active["StreamlstmModelWorseThanNaive"]
     assert {r["name"] for r in rules()} and not active, active
 
 
