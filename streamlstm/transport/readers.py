@@ -38,15 +38,8 @@ class ChangelogReader:
         taken for its end now if it was restarted at the same offset (see stop)."""
         tps = {KafkaPartition(self.topic, p): offset for p, offset in partitions.items()}
         if tps.keys() & self._read:
-            try:
-                with translated():
-                    kept = {tp: self.consumer.position(tp) for tp in self.consumer.assignment()}
-                    fresh = new_consumer(self.cfg, "-restore", auto_offset_reset="earliest")
-            except TransportError:  # no broker now: keep this one rather than have none
-                pass
-            else:
-                self.close()
-                self.consumer, self._read = fresh, set()
+            kept = {tp: self.consumer.position(tp) for tp in self.consumer.assignment()}  # known: all were sought
+            if self._renew():
                 tps = kept | tps
         self._read |= tps.keys()
         self.consumer.assign(sorted(self.consumer.assignment() | tps.keys()))
@@ -64,17 +57,20 @@ class ChangelogReader:
         offset, ending that restore at a stale end (seen: a returning partition restored without the
         records another owner wrote meanwhile)."""
         remaining = sorted(self.consumer.assignment() - {KafkaPartition(self.topic, p) for p in partitions})
-        if not remaining:
-            try:
-                with translated():
-                    fresh = new_consumer(self.cfg, "-restore", auto_offset_reset="earliest")
-            except TransportError:  # no broker now: keep this one rather than have none
-                pass
-            else:
-                self.close()
-                self.consumer, self._read = fresh, set()
-                return
-        self.consumer.assign(remaining)
+        if remaining or not self._renew():
+            self.consumer.assign(remaining)
+
+    def _renew(self) -> bool:
+        """A new consumer in place of this one, with nothing assigned; False (this one kept) while no
+        broker answers: better than none."""
+        try:
+            with translated():
+                fresh = new_consumer(self.cfg, "-restore", auto_offset_reset="earliest")
+        except TransportError:
+            return False
+        self.close()
+        self.consumer, self._read = fresh, set()
+        return True
 
     def poll(self, timeout_ms: int) -> list[Record]:
         if not self.consumer.assignment():
